@@ -1,0 +1,281 @@
+"""``project_``: remove from a gradient its component along reference directions, in place.
+
+Every mode reduces to the two fused passes of :mod:`atax_kernels.ops`:
+
+1. ``gram`` over ``[g, r_1 .. r_k]`` gives ``G = R R^T`` (k x k), ``b = R g`` and ``|g|^2``;
+2. a tiny float64 solve on the tensors' device turns them into coefficients ``c``;
+3. ``combine_`` applies ``g <- g - R^T c`` in place.
+
+Modes (``alpha`` = strength):
+
+* ``orthogonal``: ``c = alpha * G^+ b`` (pseudo-inverse with a relative eigenvalue cut-off, so
+  dependent or zero references are harmless);
+* ``conflict``: the closest ``g'`` with ``R g' >= 0``: ``c = -alpha * mu`` with
+  ``mu = argmin_{mu >= 0} 1/2 mu^T G mu + mu^T b`` (PCGrad for k = 1, the cone projection for k > 1).
+
+With one reference on a GPU kernel backend no value is read on the host, so a step is CUDA-graph
+capturable; reading a :class:`ProjectionStats` field is then the only synchronisation.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+
+from . import _validate as V
+from .ops.registry import Backend, resolve
+
+MODES = ("orthogonal", "conflict")
+GRANULARITIES = ("global", "tensor")
+
+#: Eigenvalues of G below this fraction of the largest are treated as zero. Gram entries carry fp32
+#: product rounding (relative ~1e-7 of |r_i||r_j|), so directions weaker than this are noise, and
+#: inverting them would inject O(|g|) garbage.
+EIG_RTOL = 1e-5
+
+
+@dataclass
+class ProjectionStats:
+    """What one :func:`project_` call did. Fields are tensors on the gradients' device.
+
+    Reading a field (``.item()``, printing) is the only host synchronisation ``project_`` needs.
+
+    Attributes:
+        dots: ``[k]`` dot products ``<g, r_j>`` over the whole gradient, before projection.
+        cosines: ``[k]`` cosine similarities between ``g`` and each reference (0 for a zero vector).
+        coefs: ``[k]`` (global) or ``[n_tensors, k]`` (tensor granularity) coefficients ``c`` applied as
+            ``g <- g - sum_j c_j r_j``.
+        removed_fraction: scalar ``|g - g'| / |g|`` (0 when ``g`` is zero).
+        projected: scalar bool, True when anything was removed.
+        skipped: scalar bool, True when the Gram was non-finite and the gradient was left untouched.
+    """
+
+    dots: torch.Tensor
+    cosines: torch.Tensor
+    coefs: torch.Tensor
+    removed_fraction: torch.Tensor
+    projected: torch.Tensor
+    skipped: torch.Tensor
+    _nonfinite_grad: torch.Tensor = field(repr=False)
+    _nonfinite_refs: torch.Tensor = field(repr=False)
+
+    @property
+    def reason(self) -> str | None:
+        """Why the projection was skipped (which side was non-finite), or None. Synchronises."""
+        if not bool(self.skipped):
+            return None
+        parts = []
+        if bool(self._nonfinite_grad):
+            parts.append("the gradient")
+        bad = torch.nonzero(self._nonfinite_refs).flatten().tolist()
+        if bad:
+            parts.append("reference" + ("s " if len(bad) > 1 else " ") + ", ".join(str(j) for j in bad))
+        return "non-finite values (inf/NaN) in " + " and ".join(parts) + "; gradient left untouched"
+
+    def as_dict(self) -> dict[str, Any]:
+        """Host copy of every field (one sync), convenient for logging."""
+        return {
+            "dots": self.dots.tolist(),
+            "cosines": self.cosines.tolist(),
+            "coefs": self.coefs.tolist(),
+            "removed_fraction": float(self.removed_fraction),
+            "projected": bool(self.projected),
+            "skipped": bool(self.skipped),
+            "reason": self.reason,
+        }
+
+
+def _pinv_solve(G: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``G^+ b`` for symmetric PSD ``G`` (batched ``[..., k, k]``), cutting eigenvalues below EIG_RTOL·max."""
+    w, Q = torch.linalg.eigh(G)
+    top = w.amax(dim=-1, keepdim=True)
+    keep = (w > EIG_RTOL * top) & (top > 0)
+    inv = torch.where(keep, 1.0 / torch.where(keep, w, torch.ones_like(w)), torch.zeros_like(w))
+    coords = (Q.transpose(-1, -2) @ b.unsqueeze(-1)).squeeze(-1)
+    return (Q @ (inv * coords).unsqueeze(-1)).squeeze(-1)
+
+
+def _pinv_np(G: np.ndarray) -> np.ndarray:
+    w, Q = np.linalg.eigh(G)
+    top = w.max(initial=0.0)
+    inv = np.where(w > EIG_RTOL * top, 1.0 / np.where(w > 0, w, 1.0), 0.0) if top > 0 else np.zeros_like(w)
+    return (Q * inv) @ Q.T
+
+
+def nonneg_quadratic_min(G: np.ndarray, b: np.ndarray, gg: float) -> np.ndarray:
+    """``argmin_{mu >= 0} 1/2 mu^T G mu + mu^T b`` by an active-set method (Lawson–Hanson on the Gram).
+
+    ``-(G mu + b)_j`` is the dot of reference j with the projected gradient, so a reference joins the
+    active set only while it still conflicts by more than a tolerance relative to ``|r_j| |g|``.
+    """
+    k = b.shape[0]
+    mu = np.zeros(k)
+    passive = np.zeros(k, dtype=bool)
+    scale = np.sqrt(np.maximum(np.diag(G), 0.0) * max(gg, 0.0))
+    tol = 1e-9 * scale + 1e-300
+    for _ in range(4 * k + 8):
+        w = -(G @ mu + b)
+        candidates = (~passive) & (w > tol)
+        if not candidates.any():
+            break
+        passive[int(np.argmax(np.where(candidates, w, -np.inf)))] = True
+        for _inner in range(4 * k + 8):
+            idx = np.flatnonzero(passive)
+            z = np.zeros(k)
+            z[idx] = -_pinv_np(G[np.ix_(idx, idx)]) @ b[idx]
+            if (z[idx] > 0).all():
+                mu = z
+                break
+            bad = idx[z[idx] <= 0]
+            denom = mu[bad] - z[bad]
+            steps = np.where(denom > 0, mu[bad] / np.where(denom > 0, denom, 1.0), 0.0)
+            step = float(steps.min()) if steps.size else 0.0
+            mu = mu + step * (z - mu)
+            passive &= mu > 0
+            mu[~passive] = 0.0
+            if not passive.any():
+                break
+    return np.maximum(mu, 0.0)
+
+
+def _solve_coefs(
+    G: torch.Tensor, b: torch.Tensor, gg: torch.Tensor, mode: str, strength: float
+) -> torch.Tensor:
+    """Coefficients ``c`` (``g' = g - R^T c``) for one or a batch of problems (leading dims of ``b``)."""
+    k = b.shape[-1]
+    if k == 1:
+        denom = G[..., 0, :]  # [..., 1]
+        safe = torch.where(denom > 0, denom, torch.ones_like(denom))
+        numer = b if mode == "orthogonal" else torch.clamp(b, max=0.0)
+        return torch.where(denom > 0, strength * numer / safe, torch.zeros_like(b))
+    if mode == "orthogonal":
+        return strength * _pinv_solve(G, b)
+    Gh, bh, ggh = G.cpu().numpy(), b.cpu().numpy(), gg.cpu().numpy()
+    if bh.ndim == 1:
+        mu = nonneg_quadratic_min(Gh, bh, float(ggh))
+    else:
+        mu = np.stack([nonneg_quadratic_min(Gh[i], bh[i], float(ggh[i])) for i in range(bh.shape[0])])
+    return -strength * torch.from_numpy(mu).to(b.device)
+
+
+def _split(grams: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return grams[..., 1:, 1:], grams[..., 1:, 0], grams[..., 0, 0]
+
+
+def project_(
+    grads: Sequence[torch.Tensor] | torch.Tensor,
+    refs: Any,
+    *,
+    mode: str = "orthogonal",
+    strength: float = 1.0,
+    granularity: str = "global",
+    backend: str | None = None,
+) -> ProjectionStats:
+    """Project ``grads`` in place away from (or out of conflict with) reference directions.
+
+    Args:
+        grads: gradient tensors (e.g. ``[p.grad for p in params]``), modified in place. A single tensor is
+            accepted as a one-item list. Non-contiguous tensors, mixed dtypes and non-overlapping views of
+            one flat buffer all work.
+        refs: one reference direction (a tensor, or a sequence of tensors parallel to ``grads``) or several
+            (a sequence of such sequences).
+        mode: ``"orthogonal"`` removes the span of the references; ``"conflict"`` removes only the part
+            that conflicts (``R g' >= 0``; PCGrad for one reference, the cone projection for several).
+        strength: alpha in [0, 1], the fraction of the computed component that is removed.
+        granularity: ``"global"`` treats all tensors as one vector; ``"tensor"`` projects each tensor
+            independently (layer-wise).
+        backend: ``"torch"``, ``"cpu"``, ``"cuda"``, ``"triton"``, or None for the fastest available
+            (``ATAX_BACKEND`` overrides the default).
+
+    Returns:
+        :class:`ProjectionStats`. When any Gram entry is non-finite, every gradient is left bit-for-bit
+        untouched and ``skipped`` is True (``reason`` says which side was non-finite).
+
+    Raises:
+        TypeError, ValueError: on bad input, before anything is modified.
+    """
+    grad_list = V.as_tensor_list(grads, "grads")
+    ref_lists = V.normalize_refs(refs, "refs")
+    mode = V.check_choice(mode, "mode", MODES)
+    granularity = V.check_choice(granularity, "granularity", GRANULARITIES)
+    alpha = V.check_strength(strength)
+    labels = [f"refs[{j}]" for j in range(len(ref_lists))] if len(ref_lists) > 1 else ["refs"]
+    V.check_parallel(grad_list, "grads", ref_lists, labels)
+    k, n = len(ref_lists), len(grad_list)
+    if n == 0:
+        zero = torch.zeros((), dtype=torch.float64)
+        false = torch.zeros((), dtype=torch.bool)
+        return ProjectionStats(
+            dots=torch.zeros(k, dtype=torch.float64), cosines=torch.zeros(k, dtype=torch.float64),
+            coefs=torch.zeros(k, dtype=torch.float64), removed_fraction=zero, projected=false,
+            skipped=false.clone(), _nonfinite_grad=false.clone(), _nonfinite_refs=torch.zeros(k, dtype=torch.bool),
+        )
+    V.check_no_overlap(grad_list, "grads", ref_lists, labels)
+    device = grad_list[0].device
+    dtypes = {t.dtype for lst in [grad_list, *ref_lists] for t in lst}
+    impl = resolve(backend, device, dtypes)
+    return _project_resolved(impl, grad_list, ref_lists, mode, alpha, granularity)
+
+
+def _project_resolved(
+    impl: Backend,
+    grads: list[torch.Tensor],
+    refs: list[list[torch.Tensor]],
+    mode: str,
+    alpha: float,
+    granularity: str,
+) -> ProjectionStats:
+    per_tensor = granularity == "tensor"
+    k = len(refs)
+    grams = impl.gram([grads, *refs], per_tensor)
+    total = grams.sum(0) if per_tensor else grams
+    G_tot, b_tot, gg_tot = _split(total)
+
+    diag = torch.diagonal(G_tot)
+    nonfinite_grad = ~torch.isfinite(gg_tot)
+    # A reference is blamed when its own norm is non-finite; a NaN cross term with finite norms cannot
+    # happen, but a non-finite b with a finite |g| would point at the reference too.
+    nonfinite_refs = ~torch.isfinite(diag) | (~torch.isfinite(b_tot) & ~nonfinite_grad)
+    all_finite = torch.isfinite(grams).all()
+
+    denom = torch.sqrt(torch.clamp(gg_tot, min=0) * torch.clamp(diag, min=0))
+    cosines = torch.where(denom > 0, b_tot / torch.where(denom > 0, denom, torch.ones_like(denom)),
+                          torch.zeros_like(b_tot))
+
+    can_sync = not impl.sync_free or k > 1
+    if can_sync and not bool(all_finite):
+        # Early exit on the host: nothing is written, a GradScaler still sees its inf where it was.
+        coefs = torch.zeros((len(grads), k) if per_tensor else (k,), dtype=torch.float64, device=grams.device)
+        zero = torch.zeros((), dtype=torch.float64, device=grams.device)
+        return ProjectionStats(
+            dots=b_tot, cosines=cosines, coefs=coefs, removed_fraction=zero,
+            projected=torch.zeros((), dtype=torch.bool, device=grams.device), skipped=~all_finite,
+            _nonfinite_grad=nonfinite_grad, _nonfinite_refs=nonfinite_refs,
+        )
+
+    G, b, gg = _split(grams)
+    if not can_sync:
+        # Sync-free path (k = 1): zero the Gram where it is non-finite so the solve stays finite; the zero
+        # coefficient then makes combine_ skip the reference entirely.
+        G = torch.where(all_finite, G, torch.zeros_like(G))
+        b = torch.where(all_finite, b, torch.zeros_like(b))
+        gg = torch.where(all_finite, gg, torch.zeros_like(gg))
+    coefs = _solve_coefs(G, b, gg, mode, alpha)
+    if not can_sync:
+        coefs = torch.where(all_finite, coefs, torch.zeros_like(coefs))
+    impl.combine_(grads, refs, coefs.contiguous())
+
+    # |g - g'|^2 = c^T G c (per tensor, summed), from the Gram alone: no extra pass.
+    removed_sq = (coefs.unsqueeze(-2) @ G @ coefs.unsqueeze(-1)).squeeze(-1).squeeze(-1)
+    if per_tensor:
+        removed_sq = removed_sq.sum()
+    gg_safe = torch.where(gg_tot > 0, gg_tot, torch.ones_like(gg_tot))
+    removed = torch.where(gg_tot > 0, torch.sqrt(torch.clamp(removed_sq, min=0) / gg_safe),
+                          torch.zeros_like(gg_tot))
+    return ProjectionStats(
+        dots=b_tot, cosines=cosines, coefs=coefs, removed_fraction=removed,
+        projected=(coefs != 0).any(), skipped=~all_finite,
+        _nonfinite_grad=nonfinite_grad, _nonfinite_refs=nonfinite_refs,
+    )
