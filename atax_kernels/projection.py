@@ -150,14 +150,21 @@ def _solve_coefs(
         safe = torch.where(denom > 0, denom, torch.ones_like(denom))
         numer = b if mode == "orthogonal" else torch.clamp(b, max=0.0)
         return torch.where(denom > 0, strength * numer / safe, torch.zeros_like(b))
+    # Solve in the scale-free coordinates of unit references (G -> D G D, b -> D b, c = D c_hat) so the
+    # eigenvalue cut-off and the active-set tolerances do not depend on how references are scaled.
+    diag = torch.diagonal(G, dim1=-2, dim2=-1)
+    d = torch.where(diag > 0, 1.0 / torch.sqrt(torch.where(diag > 0, diag, torch.ones_like(diag))),
+                    torch.zeros_like(diag))
+    G_hat = G * d.unsqueeze(-1) * d.unsqueeze(-2)
+    b_hat = b * d
     if mode == "orthogonal":
-        return strength * _pinv_solve(G, b)
-    Gh, bh, ggh = G.cpu().numpy(), b.cpu().numpy(), gg.cpu().numpy()
+        return strength * d * _pinv_solve(G_hat, b_hat)
+    Gh, bh, ggh = G_hat.cpu().numpy(), b_hat.cpu().numpy(), gg.cpu().numpy()
     if bh.ndim == 1:
         mu = nonneg_quadratic_min(Gh, bh, float(ggh))
     else:
         mu = np.stack([nonneg_quadratic_min(Gh[i], bh[i], float(ggh[i])) for i in range(bh.shape[0])])
-    return -strength * torch.from_numpy(mu).to(b.device)
+    return -strength * d * torch.from_numpy(mu).to(b.device)
 
 
 def _split(grams: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -29,6 +29,9 @@ def _project_flat(g: torch.Tensor, R: torch.Tensor, mode: str, strength: float) 
     if R.shape[1] == 0:
         return g.clone()
     if mode == "orthogonal":
+        # The span does not depend on how rows are scaled: normalise so the rank cut-off is scale-free.
+        norms = R.norm(dim=1, keepdim=True)
+        R = torch.where(norms > 0, R / torch.where(norms > 0, norms, torch.ones_like(norms)), torch.zeros_like(R))
         U, S, Vh = torch.linalg.svd(R, full_matrices=False)
         keep = S > 1e-8 * S.max() if S.numel() and S.max() > 0 else torch.zeros_like(S, dtype=torch.bool)
         B = Vh[keep]

@@ -1,0 +1,109 @@
+"""atax_triton::combine_ -- target[i] -= sum_j coefs[j] (or coefs[i, j]) * vectors[j][i], in place.
+
+One launch for the whole list: one program per fixed-size chunk (multi-tensor apply over the chunk table;
+or, for flat buffers with global coefficients, chunk = program id over the buffer). Per-tensor dtypes come
+from the dtype table, so mixed dtypes (target or vectors) need no extra launch. Coefficients are read from
+device memory (no host sync). A term whose coefficient is 0 is skipped by a scalar branch (its vector is not
+read, so inf/NaN cannot leak); if all coefficients of a tensor are 0 the program stores nothing.
+Arithmetic in fp32, one rounding to the target dtype.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from . import _table
+
+_BLOCK = 1024
+
+
+@triton.jit
+def _load_f32(addr, dt, col, mask):
+    # scalar dtype code -> one typed load, upcast right away
+    x = tl.zeros(col.shape, dtype=tl.float32)
+    if dt == 0:
+        x = tl.load(addr.to(tl.pointer_type(tl.float32)) + col, mask=mask, other=0.0)
+    elif dt == 1:
+        x = tl.load(addr.to(tl.pointer_type(tl.float16)) + col, mask=mask, other=0.0).to(tl.float32)
+    else:
+        x = tl.load(addr.to(tl.pointer_type(tl.bfloat16)) + col, mask=mask, other=0.0).to(tl.float32)
+    return x
+
+
+@triton.jit
+def _combine_kernel(
+    chunks_ptr, ptrs_ptr, dts_ptr, coef_ptr, n, total, K, COEF_STRIDE,
+    CHUNK: tl.constexpr, BLOCK: tl.constexpr, FLAT: tl.constexpr,
+):
+    # ptrs/dts: list 0 = target, list j + 1 = vectors[j]
+    pid = tl.program_id(0).to(tl.int64)
+    if FLAT:
+        tidx = pid * 0
+        start = pid * CHUNK
+        length = tl.minimum(total - start, CHUNK)
+    else:
+        tidx = tl.load(chunks_ptr + pid * 3)
+        start = tl.load(chunks_ptr + pid * 3 + 1)
+        length = tl.load(chunks_ptr + pid * 3 + 2)
+    cbase = coef_ptr + tidx * COEF_STRIDE
+    anynz = 0
+    for j in range(K):
+        c = tl.load(cbase + j).to(tl.float32)
+        if c != 0.0:
+            anynz = 1
+    if anynz != 0:
+        taddr = tl.load(ptrs_ptr + tidx)
+        tdt = tl.load(dts_ptr + tidx)
+        lane = tl.arange(0, BLOCK).to(tl.int64)
+        for off in range(0, length, BLOCK):
+            idx = off + lane
+            mask = idx < length
+            col = start + idx
+            t = _load_f32(taddr, tdt, col, mask)
+            s = tl.zeros([BLOCK], dtype=tl.float32)
+            for j in range(K):
+                c = tl.load(cbase + j).to(tl.float32)
+                if c != 0.0:
+                    slot = (j + 1) * n + tidx
+                    v = _load_f32(tl.load(ptrs_ptr + slot), tl.load(dts_ptr + slot), col, mask)
+                    s += c * v
+            r = t - s
+            if tdt == 0:
+                tl.store(taddr.to(tl.pointer_type(tl.float32)) + col, r, mask=mask)
+            elif tdt == 1:
+                tl.store(taddr.to(tl.pointer_type(tl.float16)) + col, r.to(tl.float16), mask=mask)
+            else:
+                tl.store(taddr.to(tl.pointer_type(tl.bfloat16)) + col, r.to(tl.bfloat16), mask=mask)
+
+
+def _combine_impl(target: list[torch.Tensor], vectors: list[torch.Tensor], coefs: torch.Tensor) -> None:
+    n = len(target)
+    k = len(vectors) // n
+    tgt = [t if t.is_contiguous() else t.contiguous() for t in target]
+    lists = [tgt] + [[vectors[j * n + i].contiguous() for i in range(n)] for j in range(k)]
+    coefs = coefs.to(dtype=torch.float64).contiguous()
+    per_tensor = coefs.dim() == 2
+    flat = (not per_tensor) and _table.is_flat(lists)
+    tab = _table.get_table(lists, flat)
+    if tab.n_chunks > 0 and k > 0:
+        torch.library.wrap_triton(_combine_kernel)[(tab.n_chunks,)](
+            tab.chunks, tab.ptrs, tab.dts, coefs, tab.n, tab.total, k, k if per_tensor else 0,
+            CHUNK=_table.CHUNK, BLOCK=_BLOCK, FLAT=flat,
+        )
+    for t, c in zip(target, tgt):
+        if c is not t:
+            t.copy_(c)
+
+
+@torch.library.triton_op("atax_triton::combine_", mutates_args={"target"})
+def combine_op(target: list[torch.Tensor], vectors: list[torch.Tensor], coefs: torch.Tensor) -> None:
+    _combine_impl(target, vectors, coefs)
+
+
+@combine_op.register_fake
+def _combine_fake(target: list[torch.Tensor], vectors: list[torch.Tensor], coefs: torch.Tensor) -> None:
+    return None
+
+
+_table.keep_opaque(combine_op)
