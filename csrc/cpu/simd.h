@@ -1,0 +1,201 @@
+// Small SIMD helpers for the CPU kernels: dtype conversion of sub-blocks and fp32 dot products.
+// Written with GCC/Clang vector extensions; hot functions are compiled for AVX2(+F16C) and a
+// baseline, selected at run time (target_clones / __builtin_cpu_supports). The arithmetic is the same
+// on both paths (no FMA contraction), so results do not depend on the path taken.
+#pragma once
+
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+
+#include <cstdint>
+#include <cstring>
+
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#define ATAX_X86 1
+#include <immintrin.h>
+#define ATAX_CLONES __attribute__((target_clones("avx2", "default")))
+#else
+#define ATAX_X86 0
+#define ATAX_CLONES
+#endif
+
+namespace atax {
+namespace cpu {
+
+typedef float v8f __attribute__((vector_size(32)));
+
+inline v8f loadu8(const float* p) {
+  v8f v;
+  std::memcpy(&v, p, sizeof(v));
+  return v;
+}
+
+#ifndef ATAX_GRAM_PREFETCH
+#define ATAX_GRAM_PREFETCH 1024
+#endif
+
+constexpr int kLanes = 32;  // element e accumulates into lane e % 32
+
+// sum_e a[e] * b[e] over len elements: fp32 products in 32 fixed lanes, lanes summed in fp64 in
+// fixed order.
+ATAX_CLONES __attribute__((noinline, unused)) static double dot_block(const float* __restrict a,
+                                                              const float* __restrict b, int64_t len) {
+  v8f s0 = {0}, s1 = {0}, s2 = {0}, s3 = {0};
+  int64_t e = 0;
+  for (; e + kLanes <= len; e += kLanes) {
+    s0 += loadu8(a + e) * loadu8(b + e);
+    s1 += loadu8(a + e + 8) * loadu8(b + e + 8);
+    s2 += loadu8(a + e + 16) * loadu8(b + e + 16);
+    s3 += loadu8(a + e + 24) * loadu8(b + e + 24);
+  }
+  float lanes[kLanes];
+  std::memcpy(lanes, &s0, 32);
+  std::memcpy(lanes + 8, &s1, 32);
+  std::memcpy(lanes + 16, &s2, 32);
+  std::memcpy(lanes + 24, &s3, 32);
+  for (int l = 0; e < len; ++e, ++l) lanes[l] += a[e] * b[e];
+  double s = 0.0;
+  for (int l = 0; l < kLanes; ++l) s += static_cast<double>(lanes[l]);
+  return s;
+}
+
+// Fused Gram of a sub-block for small m: all m(m+1)/2 pairs accumulated in registers in one sweep
+// (8*A fp32 lanes per pair), then each pair's lanes summed in fp64 in fixed order into acc[p]
+// (upper triangle, row-major).
+typedef uint16_t v8u16 __attribute__((vector_size(16)));
+typedef uint32_t v8u32 __attribute__((vector_size(32)));
+
+__attribute__((always_inline)) inline v8f load8(const float* p) { return loadu8(p); }
+__attribute__((always_inline)) inline v8f load8(const c10::BFloat16* p) {
+  v8u16 h;
+  std::memcpy(&h, p, sizeof(h));
+  v8u32 w = __builtin_convertvector(h, v8u32) << 16;
+  v8f f;
+  std::memcpy(&f, &w, sizeof(f));
+  return f;
+}
+__attribute__((always_inline)) inline float load1(const float* p) { return *p; }
+__attribute__((always_inline)) inline float load1(const c10::BFloat16* p) { return static_cast<float>(*p); }
+
+template <int M, typename T>
+__attribute__((always_inline)) inline void gram_fused_body(const T* const* src, int64_t len,
+                                                          double* acc) {
+  constexpr int P = M * (M + 1) / 2;
+  constexpr int A = M == 1 ? 4 : (M == 2 ? 2 : 1);
+  constexpr int W = 8 * A;
+  v8f s[P][A];
+  for (int p = 0; p < P; ++p)
+    for (int q = 0; q < A; ++q) s[p][q] = v8f{0, 0, 0, 0, 0, 0, 0, 0};
+  const T* x[M];
+  for (int j = 0; j < M; ++j) x[j] = src[j];
+  int64_t e = 0;
+  for (; e + W <= len; e += W) {
+    v8f v[M][A];
+#if ATAX_GRAM_PREFETCH
+    for (int j = 0; j < M; ++j) __builtin_prefetch(x[j] + e + ATAX_GRAM_PREFETCH, 0, 3);
+#endif
+    for (int j = 0; j < M; ++j)
+      for (int q = 0; q < A; ++q) v[j][q] = load8(x[j] + e + 8 * q);
+    int p = 0;
+    for (int a = 0; a < M; ++a)
+      for (int b = a; b < M; ++b, ++p)
+        for (int q = 0; q < A; ++q) s[p][q] += v[a][q] * v[b][q];
+  }
+  float lanes[P][W];
+  for (int p = 0; p < P; ++p) std::memcpy(lanes[p], s[p], sizeof(float) * W);
+  for (int l = 0; e < len; ++e, ++l) {
+    int p = 0;
+    for (int a = 0; a < M; ++a)
+      for (int b = a; b < M; ++b, ++p) lanes[p][l] += load1(x[a] + e) * load1(x[b] + e);
+  }
+  for (int p = 0; p < P; ++p) {
+    double t = 0.0;
+    for (int l = 0; l < W; ++l) t += static_cast<double>(lanes[p][l]);
+    acc[p] += t;
+  }
+}
+
+#define ATAX_FUSED(M, T, NAME)                                                               \
+  ATAX_CLONES __attribute__((noinline, unused)) static void NAME(const T* const* src, int64_t len, \
+                                                                 double* acc) {                  \
+    gram_fused_body<M, T>(src, len, acc);                                                       \
+  }
+ATAX_FUSED(1, float, gram_fused_1)
+ATAX_FUSED(2, float, gram_fused_2)
+ATAX_FUSED(3, float, gram_fused_3)
+ATAX_FUSED(1, c10::BFloat16, gram_fused_1_bf16)
+ATAX_FUSED(2, c10::BFloat16, gram_fused_2_bf16)
+ATAX_FUSED(3, c10::BFloat16, gram_fused_3_bf16)
+#undef ATAX_FUSED
+
+// ----------------------------------------------------------------------------- bf16
+ATAX_CLONES __attribute__((noinline, unused)) static void bf16_to_float(const c10::BFloat16* __restrict src,
+                                                                       float* __restrict dst, int64_t len) {
+  const uint16_t* s = reinterpret_cast<const uint16_t*>(src);
+  uint32_t* d = reinterpret_cast<uint32_t*>(dst);
+  for (int64_t e = 0; e < len; ++e) d[e] = static_cast<uint32_t>(s[e]) << 16;
+}
+
+// Round to nearest even; NaN -> quiet NaN (same as c10::BFloat16(float)).
+ATAX_CLONES __attribute__((noinline, unused)) static void float_to_bf16(const float* __restrict src,
+                                                                       c10::BFloat16* __restrict dst, int64_t len) {
+  const uint32_t* s = reinterpret_cast<const uint32_t*>(src);
+  uint16_t* d = reinterpret_cast<uint16_t*>(dst);
+  for (int64_t e = 0; e < len; ++e) {
+    const uint32_t u = s[e];
+    const uint32_t r = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
+    const bool nan = static_cast<int32_t>(u & 0x7fffffffu) > 0x7f800000;
+    d[e] = static_cast<uint16_t>(nan ? 0x7fc0u : r);
+  }
+}
+
+// ----------------------------------------------------------------------------- fp16
+#if ATAX_X86
+__attribute__((target("avx,f16c"))) inline void half_to_float_f16c(const c10::Half* __restrict src,
+                                                                   float* __restrict dst, int64_t len) {
+  int64_t e = 0;
+  for (; e + 8 <= len; e += 8) {
+    __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(src + e));
+    _mm256_storeu_ps(dst + e, _mm256_cvtph_ps(h));
+  }
+  for (; e < len; ++e) dst[e] = _cvtsh_ss(src[e].x);
+}
+__attribute__((target("avx,f16c"))) inline void float_to_half_f16c(const float* __restrict src,
+                                                                   c10::Half* __restrict dst, int64_t len) {
+  int64_t e = 0;
+  for (; e + 8 <= len; e += 8) {
+    __m128i h = _mm256_cvtps_ph(_mm256_loadu_ps(src + e), _MM_FROUND_TO_NEAREST_INT);
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + e), h);
+  }
+  for (; e < len; ++e) dst[e].x = _cvtss_sh(src[e], _MM_FROUND_TO_NEAREST_INT);
+}
+inline bool has_f16c() {
+  static const bool ok = __builtin_cpu_supports("f16c") && __builtin_cpu_supports("avx");
+  return ok;
+}
+#endif
+
+inline void half_to_float(const c10::Half* __restrict src, float* __restrict dst, int64_t len) {
+#if ATAX_X86
+  if (has_f16c()) return half_to_float_f16c(src, dst, len);
+#endif
+  for (int64_t e = 0; e < len; ++e) dst[e] = static_cast<float>(src[e]);
+}
+
+inline void float_to_half(const float* __restrict src, c10::Half* __restrict dst, int64_t len) {
+#if ATAX_X86
+  if (has_f16c()) return float_to_half_f16c(src, dst, len);
+#endif
+  for (int64_t e = 0; e < len; ++e) dst[e] = static_cast<c10::Half>(src[e]);
+}
+
+// ----------------------------------------------------------------------------- axpy
+// acc[e] -= c * v[e] (fp32, no FMA contraction).
+ATAX_CLONES __attribute__((noinline, unused)) static void sub_scaled_f32(float* __restrict acc,
+                                                                 const float* __restrict v, float c,
+                                                                 int64_t len) {
+  for (int64_t e = 0; e < len; ++e) acc[e] -= c * v[e];
+}
+
+}  // namespace cpu
+}  // namespace atax
