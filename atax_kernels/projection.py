@@ -203,6 +203,8 @@ def project_(
     Raises:
         TypeError, ValueError: on bad input, before anything is modified.
     """
+    if torch.compiler.is_compiling():
+        return _project_compiled(grads, refs, mode, strength, granularity, backend)
     grad_list = V.as_tensor_list(grads, "grads")
     ref_lists = V.normalize_refs(refs, "refs")
     mode = V.check_choice(mode, "mode", MODES)
@@ -286,3 +288,43 @@ def _project_resolved(
         projected=(coefs != 0).any(), skipped=~all_finite,
         _nonfinite_grad=nonfinite_grad, _nonfinite_refs=nonfinite_refs,
     )
+
+
+# --- torch.compile support ------------------------------------------------------------------------
+# Dynamo cannot trace the validation (memory addresses) or the host-side solves, so under compilation
+# project_ becomes one opaque custom op with a fake implementation: `torch.compile(fullgraph=True)` sees a
+# single node that mutates the gradients, and the eager implementation runs inside it.
+
+_STAT_FIELDS = ("dots", "cosines", "coefs", "removed_fraction", "projected", "skipped",
+                "_nonfinite_grad", "_nonfinite_refs")
+
+
+@torch.library.custom_op("atax_py::project_", mutates_args=("grads",))
+def _project_op(
+    grads: list[torch.Tensor], refs: list[torch.Tensor], k: int, projection_mode: str, strength: float,
+    granularity: str, backend: str | None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+           torch.Tensor, torch.Tensor]:
+    n = len(grads)
+    ref_lists = [list(refs[j * n:(j + 1) * n]) for j in range(k)]
+    stats = project_(grads, ref_lists, mode=projection_mode, strength=strength, granularity=granularity, backend=backend)
+    device = grads[0].device if grads else torch.device("cpu")
+    return tuple(getattr(stats, f).to(device).clone() for f in _STAT_FIELDS)  # type: ignore[return-value]
+
+
+@_project_op.register_fake
+def _project_op_fake(grads, refs, k, projection_mode, strength, granularity, backend):
+    device = grads[0].device if grads else torch.device("cpu")
+    f64 = dict(dtype=torch.float64, device=device)
+    b = dict(dtype=torch.bool, device=device)
+    coef_shape = (len(grads), k) if granularity == "tensor" else (k,)
+    return (torch.empty(k, **f64), torch.empty(k, **f64), torch.empty(coef_shape, **f64), torch.empty((), **f64),
+            torch.empty((), **b), torch.empty((), **b), torch.empty((), **b), torch.empty(k, **b))
+
+
+def _project_compiled(grads, refs, mode, strength, granularity, backend) -> ProjectionStats:
+    grad_list = list(grads) if not isinstance(grads, torch.Tensor) else [grads]
+    ref_lists = V.normalize_refs(refs, "refs")
+    flat = [t for lst in ref_lists for t in lst]
+    out = _project_op(grad_list, flat, len(ref_lists), mode, float(strength), granularity, backend)
+    return ProjectionStats(**dict(zip(_STAT_FIELDS, out)))

@@ -129,3 +129,22 @@ def test_single_tensor_arguments(backend, device):
     expected = oracle.project([g], [[r]])
     atax_kernels.project_(g, r, backend=backend)
     assert_close_to_oracle([g], expected, 2e-5, "single tensor")
+
+
+@pytest.mark.parametrize("backend", [b for b in BACKENDS if b != "triton"])
+@pytest.mark.parametrize("k", [1, 2])
+def test_usable_inside_torch_compile_fullgraph(backend, k, device):
+    torch._dynamo.reset()
+    grads, refs = make_problem([(6, 5), (7,)], k, device=device, seed=12)
+    eager = [g.clone() for g in grads]
+    eager_stats = atax_kernels.project_(eager, refs, backend=backend)
+
+    @torch.compile(fullgraph=True, backend="aot_eager")
+    def step(gs, rs):
+        stats = atax_kernels.project_(gs, rs, backend=backend)
+        return stats.removed_fraction * 2
+
+    out = step(grads, refs)
+    assert torch.allclose(out.cpu(), 2 * eager_stats.removed_fraction.cpu())
+    for a, b in zip(grads, eager):
+        assert torch.equal(a, b)
