@@ -10,6 +10,11 @@ Environment:
   MAX_JOBS         parallel compile jobs (default 2).
   ATAX_EXT_DIR     override the build directory root (default <repo>/build/ext, or
                    ~/.cache/atax_kernels/<hash> when the repo is not writable).
+  ATAX_REBUILD     "1": ignore a cached build failure (failures are remembered for 6 h per
+                   source digest + CXX/CC/CUDA_HOME/TORCH_CUDA_ARCH_LIST, so that a broken build is
+                   not retried by every process).
+  ATAX_NO_PREBUILT "1": skip the AOT-built atax_kernels._C module.
+  ATAX_BUILD_VERBOSE "1": verbose compiler output.
 """
 from __future__ import annotations
 
@@ -165,12 +170,18 @@ def _try_build(cuda: bool) -> types.ModuleType:
     # Remember failures on disk (keyed by the source digest) so a broken build is not retried by
     # every process.
     digest = _src_digest(sources)
+    fail_key = hashlib.sha256("\0".join(
+        [digest] + [os.environ.get(v, "") for v in ("CXX", "CC", "CUDA_HOME", "TORCH_CUDA_ARCH_LIST")]
+    ).encode()).hexdigest()
     fail_marker = os.path.join(build_dir, "FAILED")
-    if os.path.isfile(fail_marker):
+    import time
+
+    if (os.path.isfile(fail_marker) and os.environ.get("ATAX_REBUILD", "0") != "1"
+            and time.time() - os.path.getmtime(fail_marker) < 6 * 3600):
         try:
             with open(fail_marker) as fh:
                 dig, _, reason = fh.read().partition("\n")
-            if dig == digest:
+            if dig == fail_key:
                 raise RuntimeError(f"previous build failed (cached; delete {fail_marker} to retry): {reason}")
         except OSError:
             pass
@@ -216,7 +227,7 @@ def _try_build(cuda: bool) -> types.ModuleType:
             raise
         try:
             with open(fail_marker, "w") as fh:
-                fh.write(digest + "\n" + _short(exc))
+                fh.write(fail_key + "\n" + _short(exc))
         except OSError:
             pass
         raise

@@ -97,6 +97,22 @@ void combine_cpu(at::TensorList target, at::TensorList vectors, const at::Tensor
             for (const Term& term : tl) apply_term(t + s, term.ptr, term.dt, ch.start + s, term.coef, L, tmp);
           }
         }
+      } else if (tdt == at::kBFloat16 && tl.size() == 1 && tl[0].dt == at::kBFloat16) {
+#if ATAX_X86
+        if (cpu::has_avx2_f16c()) {
+          cpu::sub_scaled_bf16_avx2(static_cast<c10::BFloat16*>(tp) + ch.start,
+                                    static_cast<const c10::BFloat16*>(tl[0].ptr) + ch.start, tl[0].coef,
+                                    ch.len);
+          continue;
+        }
+#endif
+        cpu::sub_scaled_bf16(static_cast<c10::BFloat16*>(tp) + ch.start,
+                             static_cast<const c10::BFloat16*>(tl[0].ptr) + ch.start, tl[0].coef, ch.len);
+#if ATAX_X86
+      } else if (tdt == at::kHalf && tl.size() == 1 && tl[0].dt == at::kHalf && cpu::has_avx2_f16c()) {
+        cpu::sub_scaled_half(static_cast<c10::Half*>(tp) + ch.start,
+                             static_cast<const c10::Half*>(tl[0].ptr) + ch.start, tl[0].coef, ch.len);
+#endif
       } else {
         for (int64_t s = 0; s < ch.len; s += kSub) {
           const int64_t L = std::min(kSub, ch.len - s);

@@ -38,6 +38,9 @@ at::Tensor gram_cpu(at::TensorList vectors, int64_t m, bool per_tensor) {
   std::vector<char> all_bf16(static_cast<size_t>(n), 1);
   for (int64_t f = 0; f < total; ++f)
     if (dt[f] != at::kBFloat16) all_bf16[f % n] = 0;
+  std::vector<char> all_half(static_cast<size_t>(n), 1);
+  for (int64_t f = 0; f < total; ++f)
+    if (dt[f] != at::kHalf) all_half[f % n] = 0;
   const std::vector<Chunk> chunks = build_chunks(numels);
   const int64_t nchunks = static_cast<int64_t>(chunks.size());
   const int64_t P = m * (m + 1) / 2;  // upper triangle, row-major
@@ -61,6 +64,17 @@ at::Tensor gram_cpu(at::TensorList vectors, int64_t m, bool per_tensor) {
           else cpu::gram_fused_3_bf16(bp, L, acc);
           continue;
         }
+#if ATAX_X86
+        if (m <= 3 && all_half[ch.tensor] && cpu::has_avx2_f16c()) {
+          const c10::Half* hp[3];
+          for (int64_t j = 0; j < m; ++j)
+            hp[j] = static_cast<const c10::Half*>(ptr[j * n + ch.tensor]) + off;
+          if (m == 1) cpu::gram_fused_1_half(hp, L, acc);
+          else if (m == 2) cpu::gram_fused_2_half(hp, L, acc);
+          else cpu::gram_fused_3_half(hp, L, acc);
+          continue;
+        }
+#endif
         for (int64_t j = 0; j < m; ++j) {
           const int64_t f = j * n + ch.tensor;
           float* b = buf.data() + j * kSub;

@@ -74,6 +74,20 @@ __attribute__((always_inline)) inline v8f load8(const c10::BFloat16* p) {
   std::memcpy(&f, &w, sizeof(f));
   return f;
 }
+#if ATAX_X86
+inline __attribute__((target("avx2,f16c"))) v8f load8(const c10::Half* p) {
+  __m256 f = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+  v8f v;
+  std::memcpy(&v, &f, sizeof(v));
+  return v;
+}
+inline __attribute__((target("avx2,f16c"))) void store8_half(c10::Half* p, v8f r) {
+  __m256 f;
+  std::memcpy(&f, &r, sizeof(f));
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(p), _mm256_cvtps_ph(f, _MM_FROUND_TO_NEAREST_INT));
+}
+#endif
+__attribute__((always_inline)) inline float load1(const c10::Half* p) { return static_cast<float>(*p); }
 __attribute__((always_inline)) inline float load1(const float* p) { return *p; }
 __attribute__((always_inline)) inline float load1(const c10::BFloat16* p) { return static_cast<float>(*p); }
 
@@ -128,6 +142,60 @@ ATAX_FUSED(2, c10::BFloat16, gram_fused_2_bf16)
 ATAX_FUSED(3, c10::BFloat16, gram_fused_3_bf16)
 #undef ATAX_FUSED
 
+#if ATAX_X86
+// bf16 combine_ hot path with AVX2 intrinsics (same rounding as store8_bf16 / c10::BFloat16).
+inline __attribute__((target("avx2"))) __m256 load8_bf16_avx2(const c10::BFloat16* p) {
+  __m256i w = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(w, 16));
+}
+inline __attribute__((target("avx2"))) void store8_bf16_avx2(c10::BFloat16* p, __m256 r) {
+  const __m256i u = _mm256_castps_si256(r);
+  const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
+  __m256i rr = _mm256_srli_epi32(_mm256_add_epi32(u, _mm256_add_epi32(lsb, _mm256_set1_epi32(0x7fff))), 16);
+  const __m256i nan = _mm256_cmpgt_epi32(_mm256_and_si256(u, _mm256_set1_epi32(0x7fffffff)),
+                                         _mm256_set1_epi32(0x7f800000));
+  rr = _mm256_blendv_epi8(rr, _mm256_set1_epi32(0x7fc0), nan);
+  const __m256i packed = _mm256_permute4x64_epi64(_mm256_packus_epi32(rr, rr), 0x08);
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(p), _mm256_castsi256_si128(packed));
+}
+__attribute__((noinline, unused, flatten, target("avx2"))) static void sub_scaled_bf16_avx2(
+    c10::BFloat16* __restrict t, const c10::BFloat16* __restrict v, float c, int64_t len) {
+  const __m256 cv = _mm256_set1_ps(c);
+  int64_t e = 0;
+  for (; e + 8 <= len; e += 8) {
+    const __m256 r = _mm256_sub_ps(load8_bf16_avx2(t + e), _mm256_mul_ps(cv, load8_bf16_avx2(v + e)));
+    store8_bf16_avx2(t + e, r);
+  }
+  for (; e < len; ++e) t[e] = static_cast<c10::BFloat16>(static_cast<float>(t[e]) - c * static_cast<float>(v[e]));
+}
+
+// fp16 inputs: converted in registers with F16C (call only when has_avx2_f16c()).
+#define ATAX_FUSED_H(M, NAME)                                                                       \
+  __attribute__((noinline, unused, flatten, target("avx2,f16c"))) static void NAME(               \
+      const c10::Half* const* src, int64_t len, double* acc) {                                    \
+    gram_fused_body<M, c10::Half>(src, len, acc);                                                 \
+  }
+ATAX_FUSED_H(1, gram_fused_1_half)
+ATAX_FUSED_H(2, gram_fused_2_half)
+ATAX_FUSED_H(3, gram_fused_3_half)
+#undef ATAX_FUSED_H
+
+inline bool has_avx2_f16c() {
+  static const bool ok = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("f16c");
+  return ok;
+}
+
+// t[e] = half(float(t[e]) - c * float(v[e])): the fp16 combine_ hot path (F16C).
+__attribute__((noinline, unused, flatten, target("avx2,f16c"))) static void sub_scaled_half(
+    c10::Half* __restrict t, const c10::Half* __restrict v, float c, int64_t len) {
+  const v8f cv = {c, c, c, c, c, c, c, c};
+  int64_t e = 0;
+  for (; e + 8 <= len; e += 8) store8_half(t + e, load8(t + e) - cv * load8(v + e));
+  for (; e < len; ++e)
+    t[e].x = _cvtss_sh(_cvtsh_ss(t[e].x) - c * _cvtsh_ss(v[e].x), _MM_FROUND_TO_NEAREST_INT);
+}
+#endif
+
 // ----------------------------------------------------------------------------- bf16
 ATAX_CLONES __attribute__((noinline, unused)) static void bf16_to_float(const c10::BFloat16* __restrict src,
                                                                        float* __restrict dst, int64_t len) {
@@ -147,6 +215,29 @@ ATAX_CLONES __attribute__((noinline, unused)) static void float_to_bf16(const fl
     const bool nan = static_cast<int32_t>(u & 0x7fffffffu) > 0x7f800000;
     d[e] = static_cast<uint16_t>(nan ? 0x7fc0u : r);
   }
+}
+
+typedef int32_t v8i32 __attribute__((vector_size(32)));
+
+// Round-to-nearest-even fp32 -> bf16 of 8 lanes (NaN -> 0x7fc0), same as c10::BFloat16(float).
+__attribute__((always_inline)) inline void store8_bf16(c10::BFloat16* p, v8f r) {
+  v8u32 u;
+  std::memcpy(&u, &r, sizeof(u));
+  v8u32 rr = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
+  v8i32 isnan = reinterpret_cast<v8i32>(u & 0x7fffffffu) > 0x7f800000;
+  rr = isnan ? v8u32{0x7fc0u, 0x7fc0u, 0x7fc0u, 0x7fc0u, 0x7fc0u, 0x7fc0u, 0x7fc0u, 0x7fc0u} : rr;
+  v8u16 h = __builtin_convertvector(rr, v8u16);
+  std::memcpy(p, &h, sizeof(h));
+}
+
+// t[e] = bf16(float(t[e]) - c * float(v[e])): the bf16 combine_ hot path in one sweep.
+ATAX_CLONES __attribute__((noinline, unused)) static void sub_scaled_bf16(c10::BFloat16* __restrict t,
+                                                                          const c10::BFloat16* __restrict v,
+                                                                          float c, int64_t len) {
+  const v8f cv = {c, c, c, c, c, c, c, c};
+  int64_t e = 0;
+  for (; e + 8 <= len; e += 8) store8_bf16(t + e, load8(t + e) - cv * load8(v + e));
+  for (; e < len; ++e) t[e] = static_cast<c10::BFloat16>(static_cast<float>(t[e]) - c * static_cast<float>(v[e]));
 }
 
 // ----------------------------------------------------------------------------- fp16
