@@ -17,7 +17,11 @@ from __future__ import annotations
 
 from .ops import available_backends, combine_, gram
 from .projection import ProjectionStats, project_
+from .subspace import Subspace
+from .optim import ProjectedOptimizer
+from . import objectives
 
 __version__ = "0.1.0"
 
-__all__ = ["gram", "combine_", "project_", "ProjectionStats", "available_backends", "__version__"]
+__all__ = ["gram", "combine_", "project_", "ProjectionStats", "available_backends", "Subspace",
+           "ProjectedOptimizer", "objectives", "__version__"]

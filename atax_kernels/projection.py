@@ -186,8 +186,8 @@ def project_(
         grads: gradient tensors (e.g. ``[p.grad for p in params]``), modified in place. A single tensor is
             accepted as a one-item list. Non-contiguous tensors, mixed dtypes and non-overlapping views of
             one flat buffer all work.
-        refs: one reference direction (a tensor, or a sequence of tensors parallel to ``grads``) or several
-            (a sequence of such sequences).
+        refs: one reference direction (a tensor, or a sequence of tensors parallel to ``grads``), several
+            (a sequence of such sequences), or a :class:`~atax_kernels.Subspace` (orthonormal: no solve).
         mode: ``"orthogonal"`` removes the span of the references; ``"conflict"`` removes only the part
             that conflicts (``R g' >= 0``; PCGrad for one reference, the cone projection for several).
         strength: alpha in [0, 1], the fraction of the computed component that is removed.
@@ -206,6 +206,14 @@ def project_(
     if torch.compiler.is_compiling():
         return _project_compiled(grads, refs, mode, strength, granularity, backend)
     grad_list = V.as_tensor_list(grads, "grads")
+    from .subspace import Subspace
+
+    # The no-solve shortcut needs a basis stored precisely enough to be orthonormal (not bf16/fp16).
+    orthonormal = isinstance(refs, Subspace) and all(d in (torch.float32, torch.float64) for d in refs.dtypes)
+    if isinstance(refs, Subspace):
+        if refs.rank == 0:
+            raise ValueError("refs is an empty Subspace (rank 0): add directions first")
+        refs = refs.basis
     ref_lists = V.normalize_refs(refs, "refs")
     mode = V.check_choice(mode, "mode", MODES)
     granularity = V.check_choice(granularity, "granularity", GRANULARITIES)
@@ -225,7 +233,8 @@ def project_(
     device = grad_list[0].device
     dtypes = {t.dtype for lst in [grad_list, *ref_lists] for t in lst}
     impl = resolve(backend, device, dtypes)
-    return _project_resolved(impl, grad_list, ref_lists, mode, alpha, granularity)
+    return _project_resolved(impl, grad_list, ref_lists, mode, alpha, granularity,
+                             orthonormal=orthonormal and granularity == "global")
 
 
 def _project_resolved(
@@ -235,7 +244,19 @@ def _project_resolved(
     mode: str,
     alpha: float,
     granularity: str,
+    *,
+    orthonormal: bool = False,
+    apply_to: list[torch.Tensor] | None = None,
+    sign: float = 1.0,
+    extra_coefs: torch.Tensor | None = None,
 ) -> ProjectionStats:
+    """Gram -> solve -> combine. Internal knobs used by the optimizer wrapper:
+
+    ``orthonormal``: the references are an orthonormal basis (G = I): no solve. ``apply_to``/``sign``:
+    apply ``sign * coefs`` to other tensors than ``grads`` (update projection applies ``-c`` to the
+    parameters). ``extra_coefs``: added to the solved coefficients in the same combine pass (PTX mixing);
+    not counted in ``removed_fraction``.
+    """
     per_tensor = granularity == "tensor"
     k = len(refs)
     grams = impl.gram([grads, *refs], per_tensor)
@@ -271,10 +292,15 @@ def _project_resolved(
         G = torch.where(all_finite, G, torch.zeros_like(G))
         b = torch.where(all_finite, b, torch.zeros_like(b))
         gg = torch.where(all_finite, gg, torch.zeros_like(gg))
-    coefs = _solve_coefs(G, b, gg, mode, alpha)
+    if orthonormal:
+        coefs = alpha * (b if mode == "orthogonal" else torch.clamp(b, max=0.0))
+    else:
+        coefs = _solve_coefs(G, b, gg, mode, alpha)
     if not can_sync:
         coefs = torch.where(all_finite, coefs, torch.zeros_like(coefs))
-    impl.combine_(grads, refs, coefs.contiguous())
+    applied = coefs if extra_coefs is None else coefs + extra_coefs.to(coefs)
+    applied = applied * sign if sign != 1.0 else applied
+    impl.combine_(grads if apply_to is None else apply_to, refs, applied.contiguous())
 
     # |g - g'|^2 = c^T G c (per tensor, summed), from the Gram alone: no extra pass.
     removed_sq = (coefs.unsqueeze(-2) @ G @ coefs.unsqueeze(-1)).squeeze(-1).squeeze(-1)

@@ -1,0 +1,387 @@
+"""``ProjectedOptimizer``: wrap any torch optimizer so safety updates avoid capability directions.
+
+The standard loop::
+
+    opt = ProjectedOptimizer(torch.optim.AdamW(model.parameters(), lr=3e-4))
+    for cap_batch, safety_batch in loader:
+        opt.zero_grad()
+        capability_loss(model, cap_batch).backward()
+        opt.capture_reference()          # live: .grad moves into the reference store, no copy
+        safety_loss(model, safety_batch).backward()
+        opt.step()                       # project_ the safety gradient, then the wrapped step
+
+The wrapper shares ``param_groups``, ``state`` and ``defaults`` with the wrapped optimizer (live delegation:
+frameworks that swap parameters after construction keep working), so LR schedulers, ``GradScaler``,
+checkpointing and ``add_param_group`` work unchanged.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, Callable, Iterable
+
+import torch
+
+from . import _validate as V
+from .ops import gram
+from .ops.registry import resolve
+from .projection import MODES, GRANULARITIES, ProjectionStats, _project_resolved
+from .subspace import Subspace
+
+TARGETS = ("grad", "update")
+REFERENCE_KINDS = ("live", "ema")
+
+
+def _plain_stats(device: torch.device, k: int = 0) -> ProjectionStats:
+    f = torch.zeros(k, dtype=torch.float64, device=device)
+    z = torch.zeros((), dtype=torch.float64, device=device)
+    no = torch.zeros((), dtype=torch.bool, device=device)
+    return ProjectionStats(dots=f, cosines=f.clone(), coefs=f.clone(), removed_fraction=z, projected=no,
+                           skipped=no.clone(), _nonfinite_grad=no.clone(),
+                           _nonfinite_refs=torch.zeros(k, dtype=torch.bool, device=device))
+
+
+class ProjectedOptimizer(torch.optim.Optimizer):
+    """A ``torch.optim.Optimizer`` that projects gradients (or updates) against capability references.
+
+    Args:
+        optimizer: the optimizer to wrap (any ``torch.optim.Optimizer``).
+        mode: ``"orthogonal"`` or ``"conflict"`` (see :func:`atax_kernels.project_`).
+        strength: alpha in [0, 1].
+        granularity: ``"global"`` or ``"tensor"``.
+        target: ``"grad"`` projects the gradient before the wrapped step; ``"update"`` projects the wrapped
+            optimizer's parameter update (an adaptive optimizer's normalised step is not orthogonal to the
+            references even when the gradient is). ``"update"`` costs one copy of the parameters that have
+            gradients, held during the step.
+        ptx_weight: lambda >= 0: adds ``lambda * mean(references)`` to the projected gradient (PTX mixing),
+            in the same fused pass. Only with ``target="grad"``; PTX wants loss-objective references (with an
+            unbounded margin objective, maximising it hurts).
+        reference: ``"live"`` (captured gradients are used by the next step, then dropped) or ``"ema"``
+            (captures are folded into persistent exponential moving averages, one per capture slot).
+        ema_beta: EMA decay.
+        reference_dtype: EMA buffer dtype (``torch.bfloat16`` halves its memory); default the gradient's.
+        max_references: most captures per step.
+        subspace: a :class:`Subspace` of persistent directions, used in addition to captured ones (or alone).
+        reference_fn: callable returning a capability loss. When given, ``step()`` stashes the safety
+            gradients (zero-copy), runs ``reference_fn().backward()``, captures, restores and projects, every
+            ``refresh_every`` steps (reusing the EMA in between; with live references it refreshes every step).
+            A drop-in for loops that only call ``optimizer.step()``.
+        refresh_every: see ``reference_fn``.
+        scaler: the ``GradScaler`` in use, if any. Captured gradients are scaled; the wrapper divides by the
+            scale where magnitudes matter (EMA, PTX) and scales ``reference_fn``'s backward the same way.
+        backend: kernel backend for ``project_`` (None: fastest available).
+    """
+
+    def __init__(
+        self,
+        optimizer: torch.optim.Optimizer,
+        *,
+        mode: str = "orthogonal",
+        strength: float = 1.0,
+        granularity: str = "global",
+        target: str = "grad",
+        ptx_weight: float = 0.0,
+        reference: str = "live",
+        ema_beta: float = 0.9,
+        reference_dtype: torch.dtype | None = None,
+        max_references: int = 8,
+        subspace: Subspace | None = None,
+        reference_fn: Callable[[], torch.Tensor] | None = None,
+        refresh_every: int = 1,
+        scaler: Any = None,
+        backend: str | None = None,
+    ) -> None:
+        if not isinstance(optimizer, torch.optim.Optimizer):
+            raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
+        if isinstance(optimizer, ProjectedOptimizer):
+            raise TypeError("optimizer is already a ProjectedOptimizer; wrap the inner optimizer once")
+        V.check_choice(mode, "mode", MODES)
+        V.check_choice(granularity, "granularity", GRANULARITIES)
+        V.check_choice(target, "target", TARGETS)
+        V.check_choice(reference, "reference", REFERENCE_KINDS)
+        strength = V.check_strength(strength)
+        if isinstance(ptx_weight, bool) or not isinstance(ptx_weight, (int, float)) or not ptx_weight >= 0 \
+                or not math.isfinite(ptx_weight):
+            raise ValueError(f"ptx_weight must be a finite number >= 0, got {ptx_weight!r}")
+        if ptx_weight > 0 and target == "update":
+            raise ValueError(
+                "ptx_weight > 0 needs target='grad': projecting the update would remove the PTX component "
+                "again (measured: PTX on top of update projection lost its effect)"
+            )
+        if not (isinstance(ema_beta, (int, float)) and 0.0 <= ema_beta < 1.0):
+            raise ValueError(f"ema_beta must be in [0, 1), got {ema_beta!r}")
+        if reference_dtype is not None and reference_dtype not in V.SUPPORTED_DTYPES:
+            raise TypeError(f"reference_dtype must be a floating dtype, got {reference_dtype}")
+        if isinstance(max_references, bool) or not isinstance(max_references, int) or max_references < 1:
+            raise ValueError(f"max_references must be a positive int, got {max_references!r}")
+        if subspace is not None and not isinstance(subspace, Subspace):
+            raise TypeError(f"subspace must be an atax_kernels.Subspace, got {type(subspace).__name__}")
+        if reference_fn is not None and not callable(reference_fn):
+            raise TypeError("reference_fn must be callable (returning a capability loss)")
+        if isinstance(refresh_every, bool) or not isinstance(refresh_every, int) or refresh_every < 1:
+            raise ValueError(f"refresh_every must be a positive int, got {refresh_every!r}")
+        if backend is not None:
+            V.check_choice(backend, "backend", ("torch", "cpu", "cuda", "triton"))
+
+        # Deliberately no Optimizer.__init__: param_groups/state/defaults live in the wrapped optimizer.
+        self.optimizer = optimizer
+        self.mode, self.strength, self.granularity, self.target = mode, strength, granularity, target
+        self.ptx_weight = float(ptx_weight)
+        self.reference, self.ema_beta, self.reference_dtype = reference, float(ema_beta), reference_dtype
+        self.max_references, self.subspace = max_references, subspace
+        self.reference_fn, self.refresh_every, self.scaler, self.backend = reference_fn, refresh_every, scaler, backend
+        self._pending: list[tuple[list[torch.Tensor | None], float]] = []  # (tensors per param, inverse scale)
+        self._ema: list[list[torch.Tensor | None]] = []
+        self._ema_count: list[int] = []
+        self._steps = 0
+        self.last_stats: ProjectionStats | None = None
+        self._optimizer_step_pre_hooks: dict = {}
+        self._optimizer_step_post_hooks: dict = {}
+        self._optimizer_state_dict_pre_hooks: dict = {}
+        self._optimizer_state_dict_post_hooks: dict = {}
+        self._optimizer_load_state_dict_pre_hooks: dict = {}
+        self._optimizer_load_state_dict_post_hooks: dict = {}
+
+    # -- live delegation ----------------------------------------------------------------------------
+    @property
+    def param_groups(self) -> list[dict[str, Any]]:  # type: ignore[override]
+        return self.optimizer.param_groups
+
+    @param_groups.setter
+    def param_groups(self, value: list[dict[str, Any]]) -> None:
+        self.optimizer.param_groups = value
+
+    @property
+    def state(self) -> Any:  # type: ignore[override]
+        return self.optimizer.state
+
+    @state.setter
+    def state(self, value: Any) -> None:
+        self.optimizer.state = value
+
+    @property
+    def defaults(self) -> dict[str, Any]:  # type: ignore[override]
+        return self.optimizer.defaults
+
+    @defaults.setter
+    def defaults(self, value: dict[str, Any]) -> None:
+        self.optimizer.defaults = value
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        self.optimizer.add_param_group(param_group)
+
+    def __repr__(self) -> str:
+        return (f"ProjectedOptimizer(mode={self.mode!r}, strength={self.strength}, target={self.target!r}, "
+                f"reference={self.reference!r}, optimizer={self.optimizer!r})")
+
+    def _params(self) -> list[torch.Tensor]:
+        return [p for group in self.optimizer.param_groups for p in group["params"]]
+
+    def _inv_scale(self) -> float:
+        if self.scaler is None or not getattr(self.scaler, "is_enabled", lambda: True)():
+            return 1.0
+        return 1.0 / float(self.scaler.get_scale())
+
+    # -- references ---------------------------------------------------------------------------------
+    @property
+    def num_references(self) -> int:
+        """References the next step will project against (pending captures, EMA slots, subspace rank)."""
+        slots = len(self._pending) if self.reference == "live" else max(len(self._ema), len(self._pending))
+        return slots + (self.subspace.rank if self.subspace is not None else 0)
+
+    def capture_reference(self) -> None:
+        """Take the current ``.grad`` tensors as one capability reference direction.
+
+        Live references: the gradient tensors themselves move into the store (``.grad`` becomes None), no
+        copy, except gradients that are views of a shared buffer (DDP ``gradient_as_bucket_view``), which are
+        cloned because the next backward would overwrite them. EMA references: the capture is held the same
+        way and folded into its EMA slot by ``step()`` (so a step skipped by a GradScaler leaves the EMA as it
+        was). Captures are per step: ``zero_grad()`` and ``step()`` clear unconsumed ones.
+        """
+        if len(self._pending) >= self.max_references:
+            raise ValueError(
+                f"max_references={self.max_references} captures already pending for this step; call step() "
+                f"(or zero_grad()) first, or raise max_references"
+            )
+        params = self._params()
+        taken: list[torch.Tensor | None] = []
+        for i, p in enumerate(params):
+            g = p.grad
+            if g is None:
+                taken.append(None)
+                continue
+            if g.is_sparse:
+                raise TypeError(f"parameter {i} has a sparse gradient; sparse gradients are not supported")
+            taken.append(g.detach().clone() if g._base is not None else g.detach())
+            p.grad = None
+        if all(t is None for t in taken):
+            raise ValueError("capture_reference(): no parameter has a gradient; run the capability backward first")
+        self._pending.append((taken, self._inv_scale()))
+
+    def clear_references(self) -> None:
+        """Drop pending captures (EMA buffers and the subspace persist)."""
+        self._pending = []
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        self.optimizer.zero_grad(set_to_none=set_to_none)
+        self._pending = []
+
+    def _fold_ema(self, params: list[torch.Tensor]) -> None:
+        """Fold finite pending captures into their EMA slots (unscaled), in one pass each."""
+        for slot, (tensors, inv_scale) in enumerate(self._pending):
+            present = [t for t in tensors if t is not None]
+            if not present:
+                continue
+            norm_sq = float(gram([present], backend=self.backend)[0, 0])
+            if not math.isfinite(norm_sq) or norm_sq == 0.0:
+                # A non-finite capability gradient never enters the EMA; an all-zero one (checkpoint
+                # loaders stepping with zero gradients) must not decay it either.
+                continue
+            while len(self._ema) <= slot:
+                self._ema.append([None] * len(params))
+                self._ema_count.append(0)
+            ema = self._ema[slot]
+            if len(ema) != len(params):
+                raise ValueError("the optimizer's parameter list changed size since the EMA was created")
+            first = self._ema_count[slot] == 0
+            for i, t in enumerate(tensors):
+                if t is None:
+                    continue
+                dtype = self.reference_dtype or t.dtype
+                if ema[i] is None or first:
+                    ema[i] = (t.to(dtype) * inv_scale) if inv_scale != 1.0 else t.to(dtype, copy=True)
+                else:
+                    src = t if t.dtype == dtype else t.to(dtype)
+                    ema[i].mul_(self.ema_beta).add_(src, alpha=(1.0 - self.ema_beta) * inv_scale)
+            self._ema_count[slot] += 1
+        self._pending = []
+
+    def _refresh_with_reference_fn(self, params: list[torch.Tensor]) -> None:
+        due = self.reference == "live" or self._steps % self.refresh_every == 0 or not self._ema
+        if self.reference_fn is None or not due:
+            return
+        stash = []
+        for p in params:
+            g = p.grad
+            # DDP bucket views would be overwritten by the capability backward: clone those.
+            stash.append(None if g is None else (g.clone() if g._base is not None else g))
+            p.grad = None
+        try:
+            with torch.enable_grad():
+                loss = self.reference_fn()
+                if self.scaler is not None and getattr(self.scaler, "is_enabled", lambda: True)():
+                    loss = self.scaler.scale(loss)
+                loss.backward()
+            self.capture_reference()
+        finally:
+            for p, g in zip(params, stash):
+                p.grad = g
+
+    def _reference_lists(self, params: list[torch.Tensor]) -> tuple[list[list[torch.Tensor | None]], list[float]]:
+        if self.reference == "live":
+            refs = [t for t, _ in self._pending]
+            scales = [s for _, s in self._pending]
+        else:
+            refs = [e for e, c in zip(self._ema, self._ema_count) if c > 0]
+            scales = [1.0] * len(refs)
+        if self.subspace is not None and self.subspace.rank:
+            if len(self.subspace.shapes) != len(params):
+                raise ValueError(f"subspace covers {len(self.subspace.shapes)} tensors, optimizer has {len(params)}")
+            refs += [list(v) for v in self.subspace.basis]
+            scales += [1.0] * self.subspace.rank
+        return refs, scales
+
+    # -- the step -----------------------------------------------------------------------------------
+    @torch.no_grad()
+    def step(self, closure: Callable[[], float] | None = None) -> Any:  # type: ignore[override]
+        """Project the gradients (or the update) against the references, then step the wrapped optimizer."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        params = self._params()
+        self._refresh_with_reference_fn(params)
+        if self.reference == "ema":
+            self._fold_ema(params)
+        refs, scales = self._reference_lists(params)
+        self._pending = []
+        self._steps += 1
+
+        # Parameters that take part: a gradient now and a tensor in every reference.
+        idx = [i for i, p in enumerate(params)
+               if p.grad is not None and all(r[i] is not None for r in refs)]
+        device = params[idx[0]].device if idx else (params[0].device if params else torch.device("cpu"))
+        if not refs or not idx:
+            self.last_stats = _plain_stats(device)
+            result = self.optimizer.step()
+            return loss if loss is not None else result
+
+        grads = [params[i].grad for i in idx]
+        ref_lists = [[r[i] for i in idx] for r in refs]
+        dtypes = {t.dtype for lst in [grads, *ref_lists] for t in lst}
+        impl = resolve(self.backend, device, dtypes)
+        k = len(ref_lists)
+
+        if self.target == "grad":
+            extra = None
+            if self.ptx_weight > 0:
+                # combine_ subtracts: a coefficient of -lambda*s_j/k adds lambda * mean(unscaled refs).
+                shape = (len(grads), k) if self.granularity == "tensor" else (k,)
+                per_ref = torch.tensor([-self.ptx_weight * s / k for s in scales], dtype=torch.float64, device=device)
+                extra = per_ref.expand(shape)
+            self.last_stats = _project_resolved(impl, grads, ref_lists, self.mode, self.strength, self.granularity,
+                                                extra_coefs=extra)
+            result = self.optimizer.step()
+            return loss if loss is not None else result
+
+        # target == "update": one copy of the touched parameters, then project the realised update.
+        touched = [params[i] for i in idx]
+        before = [p.detach().clone() for p in touched]
+        result = self.optimizer.step()
+        now = [p.detach() for p in touched]
+        torch._foreach_sub_(before, now)  # before <- -(update): the descent direction, like a gradient
+        # g' = d - R^T c  =>  new params = old - d' = now + R^T c: combine_(params, R, -c).
+        self.last_stats = _project_resolved(impl, before, ref_lists, self.mode, self.strength, self.granularity,
+                                            apply_to=now, sign=-1.0)
+        del before
+        return loss if loss is not None else result
+
+    # -- checkpointing ------------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:  # type: ignore[override]
+        """The wrapped optimizer's state plus the wrapper's settings, EMA buffers and subspace."""
+        return {
+            "optimizer": self.optimizer.state_dict(),
+            "atax": {
+                "settings": {
+                    "mode": self.mode, "strength": self.strength, "granularity": self.granularity,
+                    "target": self.target, "ptx_weight": self.ptx_weight, "reference": self.reference,
+                    "ema_beta": self.ema_beta, "reference_dtype": self.reference_dtype,
+                    "max_references": self.max_references,
+                    "refresh_every": self.refresh_every,
+                },
+                "steps": self._steps,
+                "ema": [[None if t is None else t.clone() for t in slot] for slot in self._ema],
+                "ema_count": list(self._ema_count),
+                "subspace": None if self.subspace is None else self.subspace.state_dict(),
+            },
+        }
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:  # type: ignore[override]
+        if not isinstance(state_dict, dict) or "optimizer" not in state_dict or "atax" not in state_dict:
+            raise ValueError("state_dict was not produced by ProjectedOptimizer.state_dict() "
+                             "(expected keys 'optimizer' and 'atax')")
+        atax = state_dict["atax"]
+        params = self._params()
+        for slot in atax["ema"]:
+            if len(slot) != len(params):
+                raise ValueError(f"EMA state covers {len(slot)} parameters, optimizer has {len(params)}")
+        self.optimizer.load_state_dict(state_dict["optimizer"])
+        for key, value in atax["settings"].items():
+            setattr(self, key, value)
+        self._steps = int(atax["steps"])
+        self._ema = [[None if t is None else t.to(p.device) for t, p in zip(slot, params)] for slot in atax["ema"]]
+        self._ema_count = list(atax["ema_count"])
+        if atax["subspace"] is not None:
+            if self.subspace is None:
+                self.subspace = Subspace(params, max_rank=int(atax["subspace"]["max_rank"]))
+            self.subspace.load_state_dict(atax["subspace"])
+        self._pending = []
