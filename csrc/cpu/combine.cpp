@@ -87,6 +87,27 @@ void combine_cpu(at::TensorList target, at::TensorList vectors, const at::Tensor
       const auto& tl = terms[ch.tensor];
       const at::ScalarType tdt = work[ch.tensor].scalar_type();
       void* tp = tptr[ch.tensor];
+#if ATAX_X86
+      if (cpu::has_avx2_f16c() && tl.size() <= 8 && (tdt == at::kFloat || tdt == at::kBFloat16)) {
+        bool same = true;
+        for (const Term& term : tl) same = same && term.dt == tdt;
+        if (same) {
+          const float* fp[8];
+          const c10::BFloat16* bp[8];
+          float cs[8];
+          for (size_t j = 0; j < tl.size(); ++j) {
+            cs[j] = tl[j].coef;
+            fp[j] = static_cast<const float*>(tl[j].ptr) + ch.start;
+            bp[j] = static_cast<const c10::BFloat16*>(tl[j].ptr) + ch.start;
+          }
+          if (tdt == at::kFloat)
+            cpu::combine_fused_f32(tl.size())(static_cast<float*>(tp) + ch.start, fp, cs, ch.len);
+          else
+            cpu::combine_fused_bf16(tl.size())(static_cast<c10::BFloat16*>(tp) + ch.start, bp, cs, ch.len);
+          continue;
+        }
+      }
+#endif
       if (tdt == at::kFloat) {
         float* t = static_cast<float*>(tp) + ch.start;
         if (tl.size() == 1 && tl[0].dt == at::kFloat) {  // hot path: fp32 axpy

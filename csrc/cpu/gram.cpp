@@ -55,23 +55,19 @@ at::Tensor gram_cpu(at::TensorList vectors, int64_t m, bool per_tensor) {
       for (int64_t s = 0; s < ch.len; s += kSub) {
         const int64_t L = std::min(kSub, ch.len - s);
         const int64_t off = ch.start + s;
-        if (m <= 3 && all_bf16[ch.tensor]) {  // bf16 converted in registers, no buffer
-          const c10::BFloat16* bp[3];
+        if (m <= 8 && all_bf16[ch.tensor]) {  // bf16 converted in registers, no buffer
+          const c10::BFloat16* bp[8];
           for (int64_t j = 0; j < m; ++j)
             bp[j] = static_cast<const c10::BFloat16*>(ptr[j * n + ch.tensor]) + off;
-          if (m == 1) cpu::gram_fused_1_bf16(bp, L, acc);
-          else if (m == 2) cpu::gram_fused_2_bf16(bp, L, acc);
-          else cpu::gram_fused_3_bf16(bp, L, acc);
+          cpu::gram_fused_bf16(m)(bp, L, acc);
           continue;
         }
 #if ATAX_X86
-        if (m <= 3 && all_half[ch.tensor] && cpu::has_avx2_f16c()) {
-          const c10::Half* hp[3];
+        if (m <= 8 && all_half[ch.tensor] && cpu::has_avx2_f16c()) {
+          const c10::Half* hp[8];
           for (int64_t j = 0; j < m; ++j)
             hp[j] = static_cast<const c10::Half*>(ptr[j * n + ch.tensor]) + off;
-          if (m == 1) cpu::gram_fused_1_half(hp, L, acc);
-          else if (m == 2) cpu::gram_fused_2_half(hp, L, acc);
-          else cpu::gram_fused_3_half(hp, L, acc);
+          cpu::gram_fused_half(m)(hp, L, acc);
           continue;
         }
 #endif
@@ -92,9 +88,7 @@ at::Tensor gram_cpu(at::TensorList vectors, int64_t m, bool per_tensor) {
               break;
           }
         }
-        if (m == 1) { cpu::gram_fused_1(src.data(), L, acc); continue; }
-        if (m == 2) { cpu::gram_fused_2(src.data(), L, acc); continue; }
-        if (m == 3) { cpu::gram_fused_3(src.data(), L, acc); continue; }
+        if (m <= 8) { cpu::gram_fused_f32(m)(src.data(), L, acc); continue; }
         int64_t p = 0;
         for (int64_t a = 0; a < m; ++a) {
           acc[p++] += cpu::dot_block(src[a], src[a], L);
