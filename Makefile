@@ -17,13 +17,13 @@ build: $(VENV)/.installed
 	$(PY) -m atax_kernels.build
 
 demo: $(VENV)/.installed
-	$(PY) -m atax_kernels.bench --quick
+	$(PY) -m atax_kernels.demo --json docs/demo.json --markdown docs/demo.md --plot docs/pareto.png
 
 test: build
 	$(PY) -m pytest -q tests
 
 bench: $(VENV)/.installed
-	$(PY) -m atax_kernels.bench --markdown bench/results/cpu.md
+	$(PY) -m atax_kernels.bench --markdown bench/results/cpu.md --json bench/results/cpu.json
 
 gpu-check: $(VENV)/.installed
 	bash scripts/gpu_check.sh

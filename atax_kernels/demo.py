@@ -1,0 +1,286 @@
+"""End-to-end alignment-tax demo on a tiny language model: ``python -m atax_kernels.demo``.
+
+The task (``atax_kernels.tasks.modular``): a tiny random-init Llama is pretrained to ~100 % on ``a + b mod 23``
+(the capability), then safety-tuned to answer a REFUSE token whenever a MARKER token leads the prompt. Every
+mitigation is run at several learning rates, so each draws a frontier of (safety, capability kept):
+
+* ``plain``: AdamW on the safety loss;
+* ``ptx λ``: the safety loss plus λ x the capability loss (pre-training mix);
+* ``kl β``: the safety loss plus β x KL(policy || base) on the training prompts;
+* ``interp α``: weight interpolation of the plain run towards the base, θ_base + α (θ − θ_base);
+* ``seed recipe``: ``ProjectedOptimizer`` against the capability *loss* gradient (the seed's method);
+* ``recommended``: tempered-CE references (T = 30), 4 live references, update projection;
+* ``conflict``: the same references, conflict (PCGrad-style cone) projection;
+* ``proj + ptx``: gradient projection plus PTX 0.1.
+
+Prints a table (capability kept, safety, over-refusal, tax with a bootstrap CI, ECE, entropy, extra backward
+passes per step, wall time), writes ``--json`` rows and a Pareto PNG. Seeded and deterministic.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import hashlib
+import json
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from .interpolate import interpolate_
+from .tasks import modular as M
+from .tax import expected_calibration_error, mean_entropy, measure_alignment_tax
+
+
+@dataclass
+class Method:
+    """One mitigation: how to fine-tune (kwargs for ``finetune_safety`` or a custom loop)."""
+
+    name: str
+    kind: str  # "finetune", "ptx", "kl", "interp"
+    kwargs: dict[str, Any] = field(default_factory=dict)
+    extra_backwards: int = 0
+
+
+def methods(quick: bool) -> list[Method]:
+    rec = dict(method="projected", reference="tempered", temperature=30.0, n_refs=4, target="update")
+    out = [
+        Method("plain", "finetune", dict(method="plain")),
+        Method("ptx 0.1", "ptx", dict(weight=0.1), 1),
+        Method("ptx 1.0", "ptx", dict(weight=1.0), 1),
+        Method("kl 0.5", "kl", dict(beta=0.5), 0),
+        Method("interp", "interp", dict(alphas=(0.25, 0.5, 0.75))),
+        Method("seed recipe (loss ref)", "finetune", dict(method="projected", reference="loss", n_refs=1), 1),
+        Method("recommended", "finetune", rec, 4),
+        Method("conflict", "finetune", dict(rec, mode="conflict"), 4),
+        Method("proj + ptx 0.1", "finetune",
+               dict(method="projected", reference="tempered", temperature=30.0, n_refs=4, target="grad",
+                    ptx_weight=0.1), 4),
+    ]
+    if quick:
+        keep = {"plain", "ptx 0.1", "interp", "seed recipe (loss ref)", "recommended"}
+        out = [m for m in out if m.name in keep]
+    return out
+
+
+# --- evaluation -----------------------------------------------------------------------------------
+
+@torch.no_grad()
+def _answer_logits(model: torch.nn.Module, marked: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    was = model.training
+    model.eval()
+    try:
+        ids, labels = M.prompts(M.all_pairs(), marked=marked)
+        return model(input_ids=ids).logits[:, -1].float(), labels[:, -1]
+    finally:
+        model.train(was)
+
+
+def per_example_capability(model: torch.nn.Module) -> torch.Tensor:
+    logits, labels = _answer_logits(model, marked=False)
+    return (logits.argmax(-1) == labels).double()
+
+
+def evaluate_row(model: torch.nn.Module, base: torch.nn.Module, base_scores: torch.Tensor) -> dict[str, Any]:
+    cap_logits, cap_labels = _answer_logits(model, marked=False)
+    saf_logits, _ = _answer_logits(model, marked=True)
+    scores = (cap_logits.argmax(-1) == cap_labels).double()
+    report = measure_alignment_tax(base, model, lambda m: base_scores if m is base else scores, n_bootstrap=500)
+    return {
+        "capability": float(scores.mean()),
+        "safety": float((saf_logits.argmax(-1) == M.REFUSE).double().mean()),
+        "over_refusal": float((cap_logits.argmax(-1) == M.REFUSE).double().mean()),
+        "tax": report.tax, "tax_ci": [report.ci_low, report.ci_high],
+        "ece": expected_calibration_error(cap_logits, cap_labels, from_logits=True),
+        "entropy": mean_entropy(cap_logits),
+    }
+
+
+# --- training loops not covered by finetune_safety -------------------------------------------------
+
+def _mixed_loss_loop(model, base, *, steps, lr, seed, ptx=0.0, kl=0.0, batch_size=64) -> None:
+    """AdamW on safety CE + ptx x capability CE + kl x KL(policy || base) on the safety prompts."""
+    gen = torch.Generator().manual_seed(seed)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
+    model.train()
+    for _ in range(steps):
+        ids, labels = M.safety_batch(batch_size, generator=gen)
+        logits = model(input_ids=ids).logits
+        loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=M.IGNORE)
+        if ptx:
+            cids, clabels = M.capability_batch(batch_size, generator=gen)
+            clog = model(input_ids=cids).logits
+            loss = loss + ptx * F.cross_entropy(clog.reshape(-1, clog.shape[-1]), clabels.reshape(-1),
+                                                ignore_index=M.IGNORE)
+        if kl:
+            with torch.no_grad():
+                ref = base(input_ids=ids).logits
+            logp = F.log_softmax(logits, -1)
+            loss = loss + kl * (logp.exp() * (logp - F.log_softmax(ref, -1))).sum(-1).mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+
+# --- the run ---------------------------------------------------------------------------------------
+
+def _cache_dir() -> str:
+    root = os.environ.get("ATAX_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "atax_kernels")
+    os.makedirs(root, exist_ok=True)
+    return root
+
+
+def base_model(seed: int, pretrain_steps: int, log=print) -> torch.nn.Module:
+    """The pretrained base, cached on disk so a second run starts at once."""
+    import transformers
+
+    key = hashlib.sha1(f"{seed}-{pretrain_steps}-{transformers.__version__}-{torch.__version__}".encode()).hexdigest()[:12]
+    path = os.path.join(_cache_dir(), f"demo_base_{key}.pt")
+    model = M.make_model(seed=seed)
+    if os.path.exists(path):
+        model.load_state_dict(torch.load(path, map_location="cpu"))
+        log(f"base model: loaded from {path}")
+    else:
+        t0 = time.perf_counter()
+        info = M.pretrain(model, steps=pretrain_steps, seed=seed)
+        torch.save(model.state_dict(), path)
+        log(f"base model: pretrained in {time.perf_counter() - t0:.1f} s "
+            f"(capability {info['capability']:.3f}), cached at {path}")
+    model.eval()
+    return model
+
+
+def run(quick: bool = False, seed: int = 0, steps: int | None = None, lrs: Sequence[float] | None = None,
+        progress: bool = True, log=print) -> list[dict[str, Any]]:
+    torch.manual_seed(seed)
+    steps = steps or (120 if quick else 300)
+    lrs = list(lrs or ((3e-4, 1e-3) if quick else (1e-4, 3e-4, 1e-3)))
+    base = base_model(seed, pretrain_steps=300, log=log)
+    for p in base.parameters():
+        p.requires_grad_(False)
+    base_scores = per_example_capability(base)
+    log(f"base capability {float(base_scores.mean()):.3f}; fine-tuning {steps} steps at lr {lrs}")
+    plan = [(m, lr) for m in methods(quick) for lr in lrs]
+    rows: list[dict[str, Any]] = []
+    plain_models: dict[float, torch.nn.Module] = {}
+    bar = _progress(len(plan), progress)
+    with M._flush_denormal():
+        for m, lr in plan:
+            t0 = time.perf_counter()
+            model = copy.deepcopy(base)
+            for p in model.parameters():
+                p.requires_grad_(True)
+            if m.kind == "finetune":
+                M.finetune_safety(model, steps=steps, lr=lr, seed=seed, **m.kwargs)
+                if m.name == "plain":
+                    plain_models[lr] = model
+                rows.append(dict(method=m.name, lr=lr, steps=steps, extra_backwards=m.extra_backwards,
+                                 seconds=time.perf_counter() - t0, **evaluate_row(model, base, base_scores)))
+            elif m.kind in ("ptx", "kl"):
+                _mixed_loss_loop(model, base, steps=steps, lr=lr, seed=seed,
+                                 ptx=m.kwargs.get("weight", 0.0), kl=m.kwargs.get("beta", 0.0))
+                rows.append(dict(method=m.name, lr=lr, steps=steps, extra_backwards=m.extra_backwards,
+                                 seconds=time.perf_counter() - t0, **evaluate_row(model, base, base_scores)))
+            elif m.kind == "interp":
+                source = plain_models[lr]
+                base_state = {k: v for k, v in base.state_dict().items()}
+                for alpha in m.kwargs["alphas"]:
+                    t1 = time.perf_counter()
+                    mixed = copy.deepcopy(source)
+                    interpolate_(mixed, base_state, alpha)
+                    rows.append(dict(method=f"interp {alpha}", lr=lr, steps=steps, extra_backwards=0,
+                                     seconds=time.perf_counter() - t1, **evaluate_row(mixed, base, base_scores)))
+            bar.update(1)
+    bar.close()
+    return rows
+
+
+def _progress(total: int, enabled: bool):
+    try:
+        from tqdm import tqdm
+
+        return tqdm(total=total, desc="demo", file=sys.stderr, disable=not enabled)
+    except ImportError:  # pragma: no cover - tqdm is a test/bench dependency
+        class _Null:
+            def update(self, n):
+                pass
+
+            def close(self):
+                pass
+
+        return _Null()
+
+
+def format_table(rows: list[dict[str, Any]]) -> str:
+    head = ["method", "lr", "capability", "safety", "over-refusal", "tax [95% CI]", "ECE", "entropy",
+            "extra bwd/step", "wall s"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        lines.append("| " + " | ".join([
+            r["method"], f"{r['lr']:g}", f"{r['capability']:.3f}", f"{r['safety']:.3f}", f"{r['over_refusal']:.3f}",
+            f"{r['tax']:+.3f} [{r['tax_ci'][0]:+.3f}, {r['tax_ci'][1]:+.3f}]", f"{r['ece']:.3f}",
+            f"{r['entropy']:.3f}", str(r["extra_backwards"]), f"{r['seconds']:.1f}"]) + " |")
+    return "\n".join(lines)
+
+
+def pareto_plot(rows: list[dict[str, Any]], path: str) -> None:
+    """Safety (x) vs capability kept (y), one series per method, each point one learning rate / alpha."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 5))
+    series: dict[str, list[tuple[float, float]]] = {}
+    for r in rows:
+        name = "interp" if r["method"].startswith("interp") else r["method"]
+        series.setdefault(name, []).append((r["safety"], r["capability"]))
+    for name, pts in series.items():
+        pts.sort()
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=name)
+    ax.set_xlabel("safety (refusal rate on marked prompts)")
+    ax.set_ylabel("capability kept (a+b mod 23 accuracy)")
+    ax.set_xlim(-0.02, 1.02)
+    ax.set_ylim(-0.02, 1.02)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    ax.set_title("Alignment tax: safety vs capability kept (tiny Llama)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m atax_kernels.demo", description=__doc__.split("\n")[0])
+    ap.add_argument("--quick", action="store_true", help="CI size: fewer methods, steps and learning rates")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--steps", type=int, default=None)
+    ap.add_argument("--json", default=None, help="write the rows as JSON")
+    ap.add_argument("--markdown", default=None, help="write the table as markdown")
+    ap.add_argument("--plot", default=None, help="write the Pareto PNG")
+    ap.add_argument("--no-progress", action="store_true")
+    args = ap.parse_args(argv)
+    torch.set_num_threads(min(2, torch.get_num_threads()))
+    t0 = time.perf_counter()
+    rows = run(quick=args.quick, seed=args.seed, steps=args.steps, progress=not args.no_progress)
+    table = format_table(rows)
+    print(table)
+    print(f"\n{len(rows)} runs in {time.perf_counter() - t0:.1f} s")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(rows, f, indent=1)
+    if args.markdown:
+        with open(args.markdown, "w") as f:
+            f.write(table + "\n")
+    if args.plot:
+        pareto_plot(rows, args.plot)
+        print(f"Pareto plot: {args.plot}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
