@@ -156,6 +156,17 @@ def base_model(seed: int, pretrain_steps: int, log=print) -> torch.nn.Module:
 
 def run(quick: bool = False, seed: int = 0, steps: int | None = None, lrs: Sequence[float] | None = None,
         progress: bool = True, log=print) -> list[dict[str, Any]]:
+    # One thread: the model is tiny (2-thread matmuls only add overhead) and results do not depend on
+    # how many cores the machine has.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return _run(quick, seed, steps, lrs, progress, log)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _run(quick, seed, steps, lrs, progress, log) -> list[dict[str, Any]]:
     torch.manual_seed(seed)
     steps = steps or (120 if quick else 300)
     lrs = list(lrs or ((3e-4, 1e-3) if quick else (1e-4, 3e-4, 1e-3)))
@@ -264,7 +275,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--plot", default=None, help="write the Pareto PNG")
     ap.add_argument("--no-progress", action="store_true")
     args = ap.parse_args(argv)
-    torch.set_num_threads(min(2, torch.get_num_threads()))
     t0 = time.perf_counter()
     rows = run(quick=args.quick, seed=args.seed, steps=args.steps, progress=not args.no_progress)
     table = format_table(rows)
