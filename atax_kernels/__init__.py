@@ -21,10 +21,11 @@ from .subspace import Subspace
 from .optim import ProjectedOptimizer
 from . import objectives
 from .interpolate import interpolate_
+from .pareto import pareto_sweep
 from .tax import TaxRate, TaxReport, distinct_n, expected_calibration_error, mean_entropy, measure_alignment_tax, tax_rate
 
 __version__ = "0.1.0"
 
 __all__ = ["gram", "combine_", "project_", "ProjectionStats", "available_backends", "Subspace",
-           "ProjectedOptimizer", "objectives", "interpolate_", "measure_alignment_tax", "TaxReport", "tax_rate",
+           "ProjectedOptimizer", "objectives", "interpolate_", "pareto_sweep", "measure_alignment_tax", "TaxReport", "tax_rate",
            "TaxRate", "expected_calibration_error", "mean_entropy", "distinct_n", "__version__"]

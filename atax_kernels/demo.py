@@ -32,6 +32,7 @@ import torch
 import torch.nn.functional as F
 
 from .interpolate import interpolate_
+from .pareto import plot_pareto
 from .tasks import modular as M
 from .tax import expected_calibration_error, mean_entropy, measure_alignment_tax
 
@@ -239,30 +240,10 @@ def format_table(rows: list[dict[str, Any]]) -> str:
 
 
 def pareto_plot(rows: list[dict[str, Any]], path: str) -> None:
-    """Safety (x) vs capability kept (y), one series per method, each point one learning rate / alpha."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 5))
-    series: dict[str, list[tuple[float, float]]] = {}
-    for r in rows:
-        name = "interp" if r["method"].startswith("interp") else r["method"]
-        series.setdefault(name, []).append((r["safety"], r["capability"]))
-    for name, pts in series.items():
-        pts.sort()
-        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=name)
-    ax.set_xlabel("safety (refusal rate on marked prompts)")
-    ax.set_ylabel("capability kept (a+b mod 23 accuracy)")
-    ax.set_xlim(-0.02, 1.02)
-    ax.set_ylim(-0.02, 1.02)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    ax.set_title("Alignment tax: safety vs capability kept (tiny Llama)")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    """Safety (x) vs capability kept (y), one series per method (interpolation points form one series)."""
+    series_rows = [dict(r, series="interp" if r["method"].startswith("interp") else r["method"]) for r in rows]
+    plot_pareto(series_rows, path, series_key="series",
+                title="Alignment tax on a tiny Llama: safety vs capability kept (a+b mod 23)")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
