@@ -241,7 +241,8 @@ def format_table(rows: list[dict[str, Any]]) -> str:
 
 def pareto_plot(rows: list[dict[str, Any]], path: str) -> None:
     """Safety (x) vs capability kept (y), one series per method (interpolation points form one series)."""
-    series_rows = [dict(r, series="interp" if r["method"].startswith("interp") else r["method"]) for r in rows]
+    series_rows = [dict(r, series=f"interp of plain @ lr {r['lr']:g}" if r["method"].startswith("interp")
+                        else r["method"]) for r in rows]
     plot_pareto(series_rows, path, series_key="series",
                 title="Alignment tax on a tiny Llama: safety vs capability kept (a+b mod 23)")
 
