@@ -1,0 +1,641 @@
+"""Attach gradient projection to any ``transformers.Trainer`` (so every TRL trainer: DPO, SFT, GRPO, ...).
+
+Three lines::
+
+    from atax_kernels.hf import attach
+    trainer = DPOTrainer(...)                                  # any transformers.Trainer
+    handle = attach(trainer, reference=capability_loader)      # batches whose model(**batch).loss is capability
+    trainer.train()
+
+How it works. ``attach`` wraps ``trainer.training_step`` *on the instance*. On the micro-batch where
+``trainer.accelerator.sync_gradients`` is true (the last of a gradient-accumulation window) it
+
+1. runs the original training step (the safety loss: DPO/SFT/GRPO/...; its return value is kept);
+2. stashes the accumulated safety gradients without copying (``p.grad`` moves aside; gradients that are views
+   of a shared buffer, as with DDP ``gradient_as_bucket_view``, are cloned) and sets ``p.grad = None``;
+3. computes the capability loss through the ``model`` argument of ``training_step`` (the DDP/FSDP-wrapped
+   module, under ``trainer.compute_loss_context_manager()``, so accelerate's autocast applies) and runs
+   ``trainer.accelerator.backward(loss)``: scaled, synchronised and cast like the safety loss;
+4. takes those gradients as the reference (live, or folded into an EMA) and restores the safety gradients;
+5. ``project_``\\ s the safety gradients against the reference(s), in place.
+
+The trainer then clips (so the logged ``grad_norm`` is the projected one) and steps. Parameters are read from
+``trainer.optimizer.param_groups`` at every step, never cached. ``unscale_`` is never called here.
+
+Logged (on every logging step, added to the trainer's own log dict): ``atax/cosine`` (cosine between the safety
+gradient and the reference before projection), ``atax/removed_fraction``, ``atax/skipped``, ``atax/ref_norm``.
+With several references (a :class:`~atax_kernels.Subspace`), cosine and ref_norm are logged per reference as
+``atax/cosine/<j>`` and ``atax/ref_norm/<j>`` (scalars, which every logging integration accepts).
+
+Checkpoints. A ``TrainerCallback.on_save`` writes ``atax_reference.pt`` (``atax_reference_rank<r>.pt`` with
+several processes) into each ``checkpoint-<step>`` folder: the EMA buffers, the Subspace basis and the step
+counter. Resuming is hooked by wrapping ``trainer._load_optimizer_and_scheduler`` on the instance: the Trainer
+calls it with the resolved checkpoint folder on every resume path (``resume_from_checkpoint=True`` included, FSDP
+included), after the optimizer exists. The state read there is applied at the first projected step (when the
+parameters are known on their final devices). The position inside an iterable reference source is not saved.
+
+Refused (with what to use instead): DeepSpeed, optimizer-in-backward setups (LOMO/AdaLomo, layer-wise GaLore,
+any parameter with a post-accumulate-grad hook), reentrant gradient checkpointing.
+"""
+from __future__ import annotations
+
+import contextlib
+import inspect
+import math
+import os
+import warnings
+from collections.abc import Iterable, Mapping
+from typing import Any, Callable
+
+import torch
+
+from .. import _validate as V
+from ..projection import GRANULARITIES, MODES, ProjectionStats, project_
+from ..subspace import Subspace
+
+__all__ = ["attach", "AtaxHandle", "EMA", "CapabilitySource", "REFERENCE_FILE"]
+
+REFERENCE_FILE = "atax_reference.pt"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Reference sources
+# ---------------------------------------------------------------------------------------------------------------
+def _to_device(obj: Any, device: torch.device) -> Any:
+    if isinstance(obj, torch.Tensor):
+        return obj.to(device, non_blocking=True)
+    if isinstance(obj, Mapping):
+        return {k: _to_device(v, device) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_to_device(v, device) for v in obj)
+    return obj
+
+
+def _default_loss(model: torch.nn.Module, batch: Any) -> torch.Tensor:
+    if not isinstance(batch, Mapping):
+        raise TypeError(
+            f"reference batches must be dicts of model inputs (model(**batch).loss), got {type(batch).__name__}; "
+            f"pass CapabilitySource(batches, loss_fn=lambda model, batch: ...) for other batch types"
+        )
+    out = model(**batch)
+    loss = getattr(out, "loss", None)
+    if loss is None and isinstance(out, Mapping):
+        loss = out.get("loss")
+    if loss is None:
+        raise ValueError(
+            "model(**batch) returned no loss for a reference batch: include 'labels' in the capability batches, "
+            "or pass CapabilitySource(batches, loss_fn=lambda model, batch: ...)"
+        )
+    return loss
+
+
+class CapabilitySource:
+    """Where the capability loss comes from.
+
+    Args:
+        batches: an iterable of batches (a ``DataLoader``, a list of dicts, ...), cycled: re-iterated when
+            exhausted. ``None`` when ``loss_fn`` needs no batch.
+        loss_fn: ``loss_fn(model, batch) -> loss`` (with ``batches``) or ``loss_fn(model) -> loss`` (without).
+            Default: ``model(**batch).loss``. ``model`` is the module the trainer passes to ``training_step``
+            (DDP/FSDP-wrapped); tensors of ``batch`` are moved to the trainer's device first.
+    """
+
+    def __init__(self, batches: Iterable | None = None, loss_fn: Callable[..., torch.Tensor] | None = None):
+        if batches is None and loss_fn is None:
+            raise ValueError("CapabilitySource needs batches, a loss_fn, or both")
+        if batches is not None and (isinstance(batches, (torch.Tensor, str, bytes, Mapping))
+                                    or not isinstance(batches, Iterable)):
+            raise TypeError(f"batches must be an iterable of batches (a DataLoader, a list of dicts), "
+                            f"got {type(batches).__name__}")
+        if loss_fn is not None and not callable(loss_fn):
+            raise TypeError("loss_fn must be callable")
+        self.batches, self.loss_fn = batches, loss_fn
+        self._it = None
+
+    def _next_batch(self) -> Any:
+        for attempt in range(2):
+            if self._it is None:
+                self._it = iter(self.batches)
+            try:
+                return next(self._it)
+            except StopIteration:
+                self._it = None
+        raise ValueError("the reference batches are empty (or a one-shot iterator that is exhausted); "
+                         "pass a re-iterable such as a list or a DataLoader")
+
+    def loss(self, model: torch.nn.Module, device: torch.device) -> torch.Tensor:
+        if self.batches is None:
+            return self.loss_fn(model)
+        batch = _to_device(self._next_batch(), device)
+        return (self.loss_fn or _default_loss)(model, batch)
+
+    def __repr__(self) -> str:
+        return f"CapabilitySource(batches={type(self.batches).__name__}, loss_fn={self.loss_fn!r})"
+
+
+def _as_source(reference: Any) -> CapabilitySource:
+    if isinstance(reference, CapabilitySource):
+        return reference
+    if isinstance(reference, (Subspace, EMA)):
+        raise TypeError(f"{type(reference).__name__} cannot be the source of an EMA")
+    if callable(reference) and not isinstance(reference, Iterable):
+        try:
+            n = len([p for p in inspect.signature(reference).parameters.values()
+                     if p.default is p.empty and p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)])
+        except (TypeError, ValueError):
+            n = 1
+        if n > 1:
+            raise TypeError("a reference callable takes (model) and returns the capability loss; for "
+                            "(model, batch) pass CapabilitySource(batches, loss_fn=...)")
+        return CapabilitySource(None, reference)
+    return CapabilitySource(reference)
+
+
+class EMA:
+    """An exponential moving average of capability gradients: ``attach(trainer, reference=EMA(loader, beta=0.9))``.
+
+    Each refresh folds the fresh capability gradient in (``e <- beta e + (1 - beta) g``; the first one is
+    copied). Memory: one copy of the trainable parameters in ``reference_dtype`` (``attach`` argument; default
+    the gradient's dtype). Non-finite or all-zero captures are not folded in. Saved in trainer checkpoints.
+
+    Args:
+        source: what :class:`CapabilitySource` accepts (iterable of batches, callable ``(model) -> loss``) or a
+            ``CapabilitySource``.
+        beta: decay in [0, 1).
+    """
+
+    def __init__(self, source: Any, *, beta: float = 0.9):
+        if isinstance(beta, bool) or not isinstance(beta, (int, float)) or not 0.0 <= beta < 1.0:
+            raise ValueError(f"beta must be in [0, 1), got {beta!r}")
+        self.source = _as_source(source)
+        self.beta = float(beta)
+        self.buffers: list[torch.Tensor | None] = []
+        self.count = 0
+
+    def fold(self, captured: list[torch.Tensor | None], inv_scale: float, dtype: torch.dtype | None) -> bool:
+        present = [t for t in captured if t is not None]
+        if not present:
+            return False
+        sq = sum(float(torch.linalg.vector_norm(t.float()) ** 2) for t in present)
+        if not math.isfinite(sq) or sq == 0.0:
+            return False
+        if self.buffers and len(self.buffers) != len(captured):
+            raise ValueError(f"the optimizer's parameter list changed size ({len(self.buffers)} -> "
+                             f"{len(captured)}) since the EMA was created")
+        if not self.buffers:
+            self.buffers = [None] * len(captured)
+        first = self.count == 0
+        for i, t in enumerate(captured):
+            if t is None:
+                continue
+            d = dtype or t.dtype
+            if self.buffers[i] is None or first:
+                self.buffers[i] = t.to(d, copy=True).mul_(inv_scale) if inv_scale != 1.0 else t.to(d, copy=True)
+            else:
+                self.buffers[i].mul_(self.beta).add_(t.to(d), alpha=(1.0 - self.beta) * inv_scale)
+        self.count += 1
+        return True
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"beta": self.beta, "count": self.count,
+                "buffers": [None if t is None else t.detach().clone() for t in self.buffers]}
+
+    def load_state_dict(self, state: Mapping[str, Any], params: list[torch.Tensor] | None = None) -> None:
+        buffers = list(state["buffers"])
+        if params is not None:
+            if buffers and len(buffers) != len(params):
+                raise ValueError(f"EMA state covers {len(buffers)} parameters, the optimizer has {len(params)}")
+            for i, (t, p) in enumerate(zip(buffers, params)):
+                if t is not None and tuple(t.shape) != tuple(p.shape):
+                    raise ValueError(f"EMA state tensor {i} has shape {tuple(t.shape)}, parameter has "
+                                     f"{tuple(p.shape)}")
+            buffers = [None if t is None else t.to(p.device) for t, p in zip(buffers, params)]
+        self.buffers = buffers
+        self.count = int(state["count"])
+
+    def __repr__(self) -> str:
+        return f"EMA(beta={self.beta}, count={self.count}, source={self.source!r})"
+
+
+def _global_norm(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """Euclidean norm of a tensor list (float64, no host sync). DTensors (FSDP2/HSDP) are reduced over the mesh
+    dimensions they are sharded (or partial) on, one all-reduce per (mesh, placements) group."""
+    plain = [t for t in tensors if not hasattr(t, "to_local")]
+    total = torch.zeros((), dtype=torch.float64, device=tensors[0].device if tensors else "cpu")
+    if plain:
+        total = total.to(plain[0].device) + torch.stack(
+            [n.to(torch.float64) ** 2 for n in torch._foreach_norm(plain)]).sum()
+    groups: dict[Any, list[torch.Tensor]] = {}
+    for t in tensors:
+        if hasattr(t, "to_local"):
+            groups.setdefault((id(t.device_mesh), tuple(t.placements)), []).append(t)
+    for ts in groups.values():
+        mesh, placements = ts[0].device_mesh, ts[0].placements
+        local = [t.to_local() for t in ts]
+        sq = torch.stack([n.to(torch.float64) ** 2 for n in torch._foreach_norm(local)]).sum()
+        import torch.distributed as dist
+        for dim, pl in enumerate(placements):
+            if not pl.is_replicate():
+                dist.all_reduce(sq, group=mesh.get_group(dim))
+        total = total.to(sq.device) + sq
+    return total.sqrt()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Refusals
+# ---------------------------------------------------------------------------------------------------------------
+def _transformers_reentrant_default() -> bool:
+    """Whether the installed transformers checkpoints reentrantly when ``use_reentrant`` is not given."""
+    try:
+        import transformers
+        return int(transformers.__version__.split(".")[0]) < 5   # v5 defaults to use_reentrant=False
+    except Exception:  # pragma: no cover
+        return True
+
+
+def _post_accumulate_hooked(params: Iterable[torch.Tensor]) -> bool:
+    return any(bool(getattr(p, "_post_accumulate_grad_hooks", None)) for p in params)
+
+
+_OIB_MSG = ("this trainer applies optimizer updates inside backward ({what}), so no accumulated gradient exists "
+            "at the end of training_step to project. Use a regular optimizer (e.g. optim='adamw_torch'; "
+            "non-layer-wise 'galore_adamw' works), or project in your own loop with "
+            "atax_kernels.ProjectedOptimizer.")
+
+
+def _check_supported(trainer: Any) -> None:
+    args = getattr(trainer, "args", None)
+    if getattr(trainer, "is_deepspeed_enabled", False):
+        raise NotImplementedError(
+            "atax attach() does not support DeepSpeed: ZeRO partitions and reduces gradients inside its engine "
+            "(no full .grad after training_step). Use DDP or FSDP2 (accelerate/torchrun without a DeepSpeed "
+            "config), or a custom loop with atax_kernels.ProjectedOptimizer."
+        )
+    optim = str(getattr(getattr(args, "optim", ""), "value", getattr(args, "optim", ""))).lower()
+    if "lomo" in optim:
+        raise NotImplementedError("atax attach() refuses optim=%r: " % optim + _OIB_MSG.format(what="LOMO/AdaLomo"))
+    if "galore" in optim and "layerwise" in optim:
+        raise NotImplementedError("atax attach() refuses optim=%r: " % optim
+                                  + _OIB_MSG.format(what="layer-wise GaLore"))
+    model = getattr(trainer, "model", None)
+    params = list(model.parameters()) if isinstance(model, torch.nn.Module) else []
+    opt = getattr(trainer, "optimizer", None)
+    if opt is not None and hasattr(opt, "param_groups"):
+        params += [p for g in opt.param_groups for p in g["params"]]
+    if _post_accumulate_hooked(params):
+        raise NotImplementedError("atax attach() found parameters with post-accumulate-grad hooks: "
+                                  + _OIB_MSG.format(what="register_post_accumulate_grad_hook"))
+    gc = bool(getattr(args, "activation_checkpointing", False) or getattr(args, "gradient_checkpointing", False))
+    if gc:
+        kw = getattr(args, "activation_checkpointing_kwargs", None) or getattr(
+            args, "gradient_checkpointing_kwargs", None) or {}
+        if kw.get("use_reentrant", _transformers_reentrant_default()):
+            raise NotImplementedError(
+                "atax attach() refuses reentrant gradient checkpointing: the extra capability backward runs "
+                "through checkpointed blocks whose reentrant recomputation does not compose with it (and DDP "
+                "hooks fire twice). Pass gradient_checkpointing_kwargs={'use_reentrant': False} "
+                "(activation_checkpointing_kwargs on transformers >= 5)."
+            )
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The handle
+# ---------------------------------------------------------------------------------------------------------------
+class AtaxHandle:
+    """Returned by :func:`attach`. ``detach()`` restores the trainer.
+
+    Attributes:
+        last_stats: the :class:`~atax_kernels.ProjectionStats` of the latest projection (None before).
+        last_ref_norm: ``[k]`` float64 tensor, norms of the references of the latest projection (unscaled).
+        steps: optimizer steps projected so far (restored from checkpoints).
+        reference: the normalised reference (``CapabilitySource``, ``EMA`` or ``Subspace``).
+    """
+
+    def __init__(self, trainer, reference, mode, strength, granularity, refresh_every, reference_dtype, backend):
+        self.trainer = trainer
+        self.mode, self.strength, self.granularity = mode, strength, granularity
+        self.refresh_every, self.reference_dtype, self.backend = refresh_every, reference_dtype, backend
+        self.reference = reference
+        self.last_stats: ProjectionStats | None = None
+        self.last_ref_norm: torch.Tensor | None = None
+        self.steps = 0
+        self._live: list[torch.Tensor | None] | None = None
+        self._live_inv_scale = 1.0
+        self._unlogged = False
+        self._resume_state: dict[str, Any] | None = None
+        self._attached = False
+        self._saved: dict[str, Any] = {}
+        self.callback = None
+
+    # -- install / uninstall ----------------------------------------------------------------------------
+    def _install(self) -> None:
+        from transformers import TrainerCallback
+
+        t = self.trainer
+        handle = self
+        for name in ("training_step", "log", "_load_optimizer_and_scheduler"):
+            self._saved[name] = t.__dict__.get(name, _MISSING)
+        orig_step, orig_log = t.training_step, t.log
+        orig_load = getattr(t, "_load_optimizer_and_scheduler", None)
+
+        def training_step(*args: Any, **kwargs: Any) -> Any:
+            loss = orig_step(*args, **kwargs)
+            if t.accelerator.sync_gradients:
+                model = args[0] if args else kwargs["model"]
+                handle._on_sync_step(model)
+            return loss
+
+        def log(logs: dict[str, float], *args: Any, **kwargs: Any) -> Any:
+            if handle._unlogged and handle.last_stats is not None:
+                logs = dict(logs)
+                logs.update(handle.log_values())
+                handle._unlogged = False
+            return orig_log(logs, *args, **kwargs)
+
+        def _load_optimizer_and_scheduler(checkpoint: Any, *args: Any, **kwargs: Any) -> Any:
+            out = orig_load(checkpoint, *args, **kwargs)
+            if checkpoint is not None:
+                handle._read_checkpoint(str(checkpoint))
+            return out
+
+        class AtaxCheckpointCallback(TrainerCallback):
+            """Writes the atax reference state into each checkpoint folder."""
+
+            def on_save(self, args, state, control, **kwargs):
+                handle._write_checkpoint(args, state)
+                return control
+
+        t.training_step = training_step
+        t.log = log
+        if orig_load is not None:
+            t._load_optimizer_and_scheduler = _load_optimizer_and_scheduler
+        self.callback = AtaxCheckpointCallback()
+        t.add_callback(self.callback)
+        t._atax_handle = self
+        self._attached = True
+
+    def detach(self) -> None:
+        """Restore ``training_step``, ``log``, the checkpoint loader and the callbacks of the trainer."""
+        if not self._attached:
+            return
+        t = self.trainer
+        for name, value in self._saved.items():
+            if value is _MISSING:
+                t.__dict__.pop(name, None)
+            else:
+                setattr(t, name, value)
+        if self.callback is not None:
+            t.remove_callback(self.callback)
+        if getattr(t, "_atax_handle", None) is self:
+            del t._atax_handle
+        self._attached = False
+        self._live = None
+
+    @property
+    def attached(self) -> bool:
+        return self._attached
+
+    # -- the step ------------------------------------------------------------------------------------------
+    def _params(self) -> list[torch.Tensor]:
+        opt = self.trainer.optimizer
+        if opt is None:
+            raise RuntimeError("trainer.optimizer is None at a training step; atax needs the trainer's optimizer")
+        return [p for g in opt.param_groups for p in g["params"]]
+
+    def _inv_scale(self) -> float:
+        scaler = getattr(self.trainer.accelerator, "scaler", None)
+        if scaler is None or not getattr(scaler, "is_enabled", lambda: True)():
+            return 1.0
+        return 1.0 / float(scaler.get_scale())
+
+    def _capture(self, model: torch.nn.Module, params: list[torch.Tensor], source: CapabilitySource
+                 ) -> list[torch.Tensor | None]:
+        """Stash the safety grads, backprop the capability loss, take its grads, restore the safety grads."""
+        t = self.trainer
+        stash: list[torch.Tensor | None] = []
+        for p in params:
+            g = p.grad
+            # Views of a shared buffer (DDP gradient_as_bucket_view) would be overwritten by the next backward.
+            stash.append(None if g is None else (g.detach().clone() if g._base is not None else g))
+            p.grad = None
+        try:
+            with torch.enable_grad():
+                ctx = getattr(t, "compute_loss_context_manager", None)
+                with (ctx() if ctx is not None else contextlib.nullcontext()):
+                    loss = source.loss(model, t.args.device)
+                if not isinstance(loss, torch.Tensor) or loss.dim() != 0:
+                    raise TypeError(f"the capability loss must be a scalar tensor, got "
+                                    f"{type(loss).__name__}{tuple(getattr(loss, 'shape', ()))}")
+                if not loss.requires_grad:
+                    raise ValueError("the capability loss does not require grad (computed under no_grad, or "
+                                     "from frozen parameters only)")
+                t.accelerator.backward(loss)
+            captured = []
+            for p in params:
+                g = p.grad
+                captured.append(None if g is None else (g.detach().clone() if g._base is not None else g.detach()))
+                p.grad = None
+        finally:
+            for p, g in zip(params, stash):
+                p.grad = g
+        return captured
+
+    def _on_sync_step(self, model: torch.nn.Module) -> None:
+        params = self._params()
+        if _post_accumulate_hooked(params):
+            raise NotImplementedError("atax: parameters gained post-accumulate-grad hooks after attach(): "
+                                      + _OIB_MSG.format(what="register_post_accumulate_grad_hook"))
+        if self._resume_state is not None:
+            self._apply_resume_state(params)
+        ref = self.reference
+        due = self.steps % self.refresh_every == 0
+        if isinstance(ref, CapabilitySource) and (due or self._live is None):
+            self._live = None   # free the old reference before the capability backward
+            self._live = self._capture(model, params, ref)
+            self._live_inv_scale = self._inv_scale()
+        elif isinstance(ref, EMA) and (due or ref.count == 0):
+            captured = self._capture(model, params, ref.source)
+            ref.fold(captured, self._inv_scale(), self.reference_dtype)
+            del captured
+        self.steps += 1
+
+        if isinstance(ref, Subspace):
+            if ref.rank == 0:
+                return
+            if len(ref.shapes) != len(params):
+                raise ValueError(f"the Subspace covers {len(ref.shapes)} tensors, the optimizer has {len(params)} "
+                                 f"parameters (build it from [p for g in optimizer.param_groups for p in g['params']])")
+            refs, scales = [list(v) for v in ref.basis], [1.0] * ref.rank
+        elif isinstance(ref, EMA):
+            if ref.count == 0:
+                return
+            refs, scales = [ref.buffers], [1.0]
+        else:
+            refs, scales = [self._live], [self._live_inv_scale]
+
+        idx = [i for i, p in enumerate(params) if p.grad is not None and all(r[i] is not None for r in refs)]
+        if not idx:
+            return
+        grads = [params[i].grad for i in idx]
+        if isinstance(ref, Subspace) and len(idx) == len(params):
+            ref_arg: Any = ref   # orthonormal shortcut (no solve)
+        else:
+            ref_arg = [[r[i] for i in idx] for r in refs]
+        stats = project_(grads, ref_arg, mode=self.mode, strength=self.strength, granularity=self.granularity,
+                         backend=self.backend)
+        with torch.no_grad():
+            self.last_ref_norm = torch.stack([_global_norm([r[i] for i in idx]) * s for r, s in zip(refs, scales)])
+        self.last_stats = stats
+        self._unlogged = True
+        if isinstance(ref, CapabilitySource) and self.refresh_every == 1:
+            self._live = None   # not reused: free it now
+
+    # -- logging -------------------------------------------------------------------------------------------
+    def log_values(self) -> dict[str, float]:
+        """The ``atax/*`` values of the latest projection, as Python floats (one host sync)."""
+        s = self.last_stats
+        if s is None:
+            return {}
+        cos = s.cosines.detach().cpu().tolist()
+        norms = self.last_ref_norm.detach().cpu().tolist() if self.last_ref_norm is not None else []
+        out: dict[str, float] = {}
+        if len(cos) == 1:
+            out["atax/cosine"] = float(cos[0])
+        else:
+            out.update({f"atax/cosine/{j}": float(c) for j, c in enumerate(cos)})
+        out["atax/removed_fraction"] = float(s.removed_fraction)
+        out["atax/skipped"] = float(bool(s.skipped))
+        if len(norms) == 1:
+            out["atax/ref_norm"] = float(norms[0])
+        else:
+            out.update({f"atax/ref_norm/{j}": float(n) for j, n in enumerate(norms)})
+        return out
+
+    # -- checkpoints ---------------------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        ref = self.reference
+        state: dict[str, Any] = {"version": 1, "steps": self.steps, "kind": type(ref).__name__,
+                                 "settings": {"mode": self.mode, "strength": self.strength,
+                                              "granularity": self.granularity, "refresh_every": self.refresh_every}}
+        if isinstance(ref, EMA):
+            state["ema"] = ref.state_dict()
+        if isinstance(ref, Subspace):
+            state["subspace"] = ref.state_dict()
+        return state
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Load a state saved by :meth:`state_dict` (applied at the next projected step)."""
+        kind = state.get("kind")
+        if kind != type(self.reference).__name__:
+            raise ValueError(f"atax checkpoint holds a {kind} reference state but this handle's reference is a "
+                             f"{type(self.reference).__name__}")
+        self._resume_state = dict(state)
+
+    def _apply_resume_state(self, params: list[torch.Tensor]) -> None:
+        state, self._resume_state = self._resume_state, None
+        self.steps = int(state["steps"])
+        if isinstance(self.reference, EMA) and "ema" in state:
+            self.reference.load_state_dict(state["ema"], params)
+        if isinstance(self.reference, Subspace) and "subspace" in state:
+            self.reference.load_state_dict(state["subspace"])
+
+    def _rank_file(self) -> str:
+        acc = self.trainer.accelerator
+        if getattr(acc, "num_processes", 1) > 1:
+            return f"atax_reference_rank{acc.process_index}.pt"
+        return REFERENCE_FILE
+
+    def _write_checkpoint(self, args: Any, state: Any) -> None:
+        t = self.trainer
+        out_dir = t._get_output_dir(trial=None) if hasattr(t, "_get_output_dir") else args.output_dir
+        folder = os.path.join(out_dir, f"checkpoint-{state.global_step}")
+        os.makedirs(folder, exist_ok=True)
+        payload = self.state_dict()
+        if self._resume_state is not None:   # saved before any step ran since the resume: keep what was loaded
+            payload = dict(self._resume_state)
+        torch.save(payload, os.path.join(folder, self._rank_file()))
+
+    def _read_checkpoint(self, folder: str) -> None:
+        path = os.path.join(folder, self._rank_file())
+        if not os.path.isfile(path):
+            warnings.warn(f"atax: {path} not found; the reference state starts fresh (the checkpoint was saved "
+                          f"without atax attached?)", stacklevel=2)
+            return
+        self.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+
+    def __repr__(self) -> str:
+        return (f"AtaxHandle(mode={self.mode!r}, strength={self.strength}, granularity={self.granularity!r}, "
+                f"reference={self.reference!r}, steps={self.steps}, attached={self._attached})")
+
+
+_MISSING = object()
+
+
+def attach(
+    trainer: Any,
+    *,
+    reference: Any,
+    mode: str = "orthogonal",
+    strength: float = 1.0,
+    granularity: str = "global",
+    refresh_every: int = 1,
+    reference_dtype: torch.dtype | None = None,
+    backend: str | None = None,
+) -> AtaxHandle:
+    """Project the trainer's (safety) gradients against a capability reference before every optimizer step.
+
+    Args:
+        trainer: any ``transformers.Trainer`` (every TRL trainer). Wrapped on the instance.
+        reference: the capability reference. One of
+
+            * an iterable of batches (``DataLoader``, list of dicts): the loss is ``model(**batch).loss``;
+            * a callable ``(model) -> loss``;
+            * :class:`CapabilitySource` ``(batches, loss_fn=lambda model, batch: ...)``;
+            * :class:`EMA` ``(source, beta=0.9)``: a persistent moving average of such gradients;
+            * an :class:`~atax_kernels.Subspace` over the optimizer's parameters (in ``param_groups`` order):
+              fixed directions, no extra backward.
+        mode, strength, granularity, backend: as in :func:`atax_kernels.project_`.
+        refresh_every: recompute the capability gradient every this many optimizer steps (reusing the
+            previous live reference, or the EMA, in between). Each refresh costs one forward + backward.
+        reference_dtype: EMA buffer dtype (``torch.bfloat16`` halves its memory); default the gradient's.
+
+    Returns:
+        An :class:`AtaxHandle` (``handle.detach()`` undoes everything; ``handle.last_stats``).
+
+    Raises:
+        NotImplementedError: DeepSpeed, optimizer-in-backward (LOMO/AdaLomo, layer-wise GaLore, post-accumulate
+            grad hooks), reentrant gradient checkpointing; the message says what to use instead.
+        TypeError, ValueError: bad arguments, or a trainer that already has atax attached.
+    """
+    _check_supported(trainer)
+    for name in ("training_step", "log", "add_callback", "remove_callback", "accelerator", "args"):
+        if not hasattr(trainer, name):
+            raise TypeError(f"trainer must be a transformers.Trainer (missing .{name}), got {type(trainer).__name__}")
+    if getattr(trainer, "_atax_handle", None) is not None:
+        raise ValueError("atax is already attached to this trainer; call handle.detach() first")
+    V.check_choice(mode, "mode", MODES)
+    V.check_choice(granularity, "granularity", GRANULARITIES)
+    strength = V.check_strength(strength)
+    if isinstance(refresh_every, bool) or not isinstance(refresh_every, int) or refresh_every < 1:
+        raise ValueError(f"refresh_every must be a positive int, got {refresh_every!r}")
+    if reference_dtype is not None and reference_dtype not in V.SUPPORTED_DTYPES:
+        raise TypeError(f"reference_dtype must be a floating dtype, got {reference_dtype}")
+    if backend is not None:
+        V.check_choice(backend, "backend", ("torch", "cpu", "cuda", "triton"))
+    if reference is None:
+        raise ValueError("reference is required: capability batches, a callable (model) -> loss, EMA(...), "
+                         "or a Subspace")
+    if isinstance(reference, Subspace):
+        if reference_dtype is not None:
+            warnings.warn("reference_dtype is ignored for a Subspace reference (its dtype is fixed at creation)",
+                          stacklevel=2)
+        ref: Any = reference
+    elif isinstance(reference, EMA):
+        ref = reference
+    else:
+        ref = _as_source(reference)
+        if reference_dtype is not None:
+            warnings.warn("reference_dtype only applies to EMA references", stacklevel=2)
+    handle = AtaxHandle(trainer, ref, mode, strength, granularity, refresh_every, reference_dtype, backend)
+    handle._install()
+    return handle
