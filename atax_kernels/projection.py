@@ -19,7 +19,7 @@ capturable; reading a :class:`ProjectionStats` field is then the only synchronis
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
@@ -202,9 +202,20 @@ def project_(
 
     Raises:
         TypeError, ValueError: on bad input, before anything is modified.
+
+    Distributed: DTensor gradients (FSDP2 ``fully_shard``, HSDP) are projected shard-locally with global
+    dot products (one all-reduce of the Gram over the sharded mesh dimensions); see docs/distributed.md.
     """
     if torch.compiler.is_compiling():
         return _project_compiled(grads, refs, mode, strength, granularity, backend)
+    return _project_impl(grads, refs, mode, strength, granularity, backend)
+
+
+def _project_impl(
+    grads: Any, refs: Any, mode: str, strength: float, granularity: str, backend: str | None,
+    reduce_grams: Callable[[torch.Tensor], torch.Tensor] | None = None,
+) -> ProjectionStats:
+    """``project_`` without the compile dispatch; ``reduce_grams`` sums local Grams across ranks."""
     grad_list = V.as_tensor_list(grads, "grads")
     from .subspace import Subspace
 
@@ -220,6 +231,11 @@ def project_(
     alpha = V.check_strength(strength)
     labels = [f"refs[{j}]" for j in range(len(ref_lists))] if len(ref_lists) > 1 else ["refs"]
     V.check_parallel(grad_list, "grads", ref_lists, labels)
+    wrap_impl = None
+    from . import distributed as _dist
+
+    if _dist.has_dtensor(grad_list, ref_lists):  # FSDP2/HSDP: shard-local tensors, globally reduced Gram
+        grad_list, ref_lists, reduce_grams, wrap_impl = _dist.localize(grad_list, ref_lists, labels, reduce_grams)
     k, n = len(ref_lists), len(grad_list)
     if n == 0:
         zero = torch.zeros((), dtype=torch.float64)
@@ -233,8 +249,10 @@ def project_(
     device = grad_list[0].device
     dtypes = {t.dtype for lst in [grad_list, *ref_lists] for t in lst}
     impl = resolve(backend, device, dtypes)
+    if wrap_impl is not None:
+        impl = wrap_impl(impl)
     return _project_resolved(impl, grad_list, ref_lists, mode, alpha, granularity,
-                             orthonormal=orthonormal and granularity == "global")
+                             orthonormal=orthonormal and granularity == "global", reduce_grams=reduce_grams)
 
 
 def _project_resolved(
@@ -249,17 +267,22 @@ def _project_resolved(
     apply_to: list[torch.Tensor] | None = None,
     sign: float = 1.0,
     extra_coefs: torch.Tensor | None = None,
+    reduce_grams: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> ProjectionStats:
     """Gram -> solve -> combine. Internal knobs used by the optimizer wrapper:
 
     ``orthonormal``: the references are an orthonormal basis (G = I): no solve. ``apply_to``/``sign``:
     apply ``sign * coefs`` to other tensors than ``grads`` (update projection applies ``-c`` to the
     parameters). ``extra_coefs``: added to the solved coefficients in the same combine pass (PTX mixing);
-    not counted in ``removed_fraction``.
+    not counted in ``removed_fraction``. ``reduce_grams``: applied to the local Gram(s) right after the
+    gram pass (e.g. an all-reduce over the ranks that hold disjoint shards), so every rank solves, skips
+    and reports from the same global values.
     """
     per_tensor = granularity == "tensor"
     k = len(refs)
     grams = impl.gram([grads, *refs], per_tensor)
+    if reduce_grams is not None:
+        grams = reduce_grams(grams)
     total = grams.sum(0) if per_tensor else grams
     G_tot, b_tot, gg_tot = _split(total)
 
