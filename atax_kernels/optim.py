@@ -13,6 +13,12 @@ The standard loop::
 The wrapper shares ``param_groups``, ``state`` and ``defaults`` with the wrapped optimizer (live delegation:
 frameworks that swap parameters after construction keep working), so LR schedulers, ``GradScaler``,
 checkpointing and ``add_param_group`` work unchanged.
+
+Distributed: under DDP the gradients are replicated and nothing changes. Under FSDP2/HSDP (``fully_shard``)
+gradients, captured references, EMA buffers and parameters are DTensors: ``step()`` projects their local
+shards with the Gram all-reduced over the shard mesh dimensions (as ``project_`` does), so every rank gets
+the same coefficients, statistics and EMA fold decisions. ``step()`` is then a collective call. A
+``Subspace`` over sharded parameters is refused (its orthonormalisation uses shard-local dots).
 """
 from __future__ import annotations
 
@@ -22,6 +28,7 @@ from typing import Any, Callable, Iterable
 import torch
 
 from . import _validate as V
+from . import distributed as _dist
 from .ops import gram
 from .ops.registry import resolve
 from .projection import MODES, GRANULARITIES, ProjectionStats, _project_resolved
@@ -140,6 +147,7 @@ class ProjectedOptimizer(torch.optim.Optimizer):
         self._optimizer_state_dict_post_hooks: dict = {}
         self._optimizer_load_state_dict_pre_hooks: dict = {}
         self._optimizer_load_state_dict_post_hooks: dict = {}
+        self._refuse_sharded_subspace(self._params())
 
     # -- live delegation ----------------------------------------------------------------------------
     @property
@@ -225,13 +233,27 @@ class ProjectedOptimizer(torch.optim.Optimizer):
         self.optimizer.zero_grad(set_to_none=set_to_none)
         self._pending = []
 
+    def _norm_sq(self, tensors: list[torch.Tensor]) -> float:
+        """|v|^2 of one capture; for DTensors (FSDP2) the global one: local Gram, all-reduced over the shard
+        mesh dims, so every rank takes the same fold/skip decision (a rank may hold only empty shards)."""
+        if not _dist.has_dtensor(tensors, []):
+            return float(gram([tensors], backend=self.backend)[0, 0])
+        local, _, reduce_grams, wrap = _dist.localize(tensors, [], [], None)
+        impl = resolve(self.backend, local[0].device, {t.dtype for t in local})
+        if wrap is not None:
+            impl = wrap(impl)
+        grams = impl.gram([local], False)
+        if reduce_grams is not None:
+            grams = reduce_grams(grams)
+        return float(grams[0, 0])
+
     def _fold_ema(self, params: list[torch.Tensor]) -> None:
         """Fold finite pending captures into their EMA slots (unscaled), in one pass each."""
         for slot, (tensors, inv_scale) in enumerate(self._pending):
             present = [t for t in tensors if t is not None]
             if not present:
                 continue
-            norm_sq = float(gram([present], backend=self.backend)[0, 0])
+            norm_sq = self._norm_sq(present)
             if not math.isfinite(norm_sq) or norm_sq == 0.0:
                 # A non-finite capability gradient never enters the EMA; an all-zero one (checkpoint
                 # loaders stepping with zero gradients) must not decay it either.
@@ -299,6 +321,7 @@ class ProjectedOptimizer(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         params = self._params()
+        self._refuse_sharded_subspace(params)
         self._refresh_with_reference_fn(params)
         if self.reference == "ema":
             self._fold_ema(params)
@@ -317,11 +340,11 @@ class ProjectedOptimizer(torch.optim.Optimizer):
 
         grads = [params[i].grad for i in idx]
         ref_lists = [[r[i] for i in idx] for r in refs]
-        dtypes = {t.dtype for lst in [grads, *ref_lists] for t in lst}
-        impl = resolve(self.backend, device, dtypes)
         k = len(ref_lists)
 
         if self.target == "grad":
+            grads, ref_lists, impl, reduce_grams = self._localize(grads, ref_lists)
+            device = grads[0].device
             extra = None
             if self.ptx_weight > 0:
                 # combine_ subtracts: a coefficient of -lambda*s_j/k adds lambda * mean(unscaled refs).
@@ -329,21 +352,54 @@ class ProjectedOptimizer(torch.optim.Optimizer):
                 per_ref = torch.tensor([-self.ptx_weight * s / k for s in scales], dtype=torch.float64, device=device)
                 extra = per_ref.expand(shape)
             self.last_stats = _project_resolved(impl, grads, ref_lists, self.mode, self.strength, self.granularity,
-                                                extra_coefs=extra)
+                                                extra_coefs=extra, reduce_grams=reduce_grams)
             result = self.optimizer.step()
             return loss if loss is not None else result
 
         # target == "update": one copy of the touched parameters, then project the realised update.
         touched = [params[i] for i in idx]
         before = [p.detach().clone() for p in touched]
+        # Localised (and validated) before the wrapped step: the clones' local shards are what gets projected.
+        before, ref_lists, impl, reduce_grams = self._localize(before, ref_lists)
         result = self.optimizer.step()
-        now = [p.detach() for p in touched]
+        now = [self._local(p.detach()) for p in touched]
         torch._foreach_sub_(before, now)  # before <- -(update): the descent direction, like a gradient
         # g' = d - R^T c  =>  new params = old - d' = now + R^T c: combine_(params, R, -c).
         self.last_stats = _project_resolved(impl, before, ref_lists, self.mode, self.strength, self.granularity,
-                                            apply_to=now, sign=-1.0)
+                                            apply_to=now, sign=-1.0, reduce_grams=reduce_grams)
         del before
         return loss if loss is not None else result
+
+    @staticmethod
+    def _local(t: torch.Tensor) -> torch.Tensor:
+        cls = _dist._dtensor_cls()
+        return t.to_local() if cls is not None and isinstance(t, cls) else t  # under no_grad: the shard itself
+
+    def _localize(
+        self, vectors: list[torch.Tensor], ref_lists: list[list[torch.Tensor]],
+    ) -> tuple[list[torch.Tensor], list[list[torch.Tensor]], Any, Callable | None]:
+        """(local vectors, local refs, backend, reduce_grams). Plain tensors pass through; DTensors (FSDP2/HSDP)
+        become their local shards, and the Gram is all-reduced over the shard mesh dims (as in ``project_``)."""
+        reduce_grams = wrap = None
+        if _dist.has_dtensor(vectors, ref_lists):
+            labels = [f"references[{j}]" for j in range(len(ref_lists))]
+            vectors, ref_lists, reduce_grams, wrap = _dist.localize(vectors, ref_lists, labels, None)
+        dtypes = {t.dtype for lst in [vectors, *ref_lists] for t in lst}
+        impl = resolve(self.backend, vectors[0].device, dtypes)
+        if wrap is not None:
+            impl = wrap(impl)
+        return vectors, ref_lists, impl, reduce_grams
+
+    def _refuse_sharded_subspace(self, params: list[torch.Tensor]) -> None:
+        if self.subspace is None:
+            return
+        grads = [p.grad for p in params if p.grad is not None]
+        if _dist.has_dtensor(list(params) + grads, []):
+            raise NotImplementedError(
+                "a Subspace with sharded (DTensor, FSDP2/HSDP) parameters is not supported: Subspace.add "
+                "orthonormalises with shard-local dot products. Use live or EMA references (captured gradients) "
+                "under fully_shard, or keep the Subspace on unsharded (DDP/single-process) parameters"
+            )
 
     # -- checkpointing ------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:  # type: ignore[override]
