@@ -33,7 +33,14 @@ def _free_port() -> int:
 
 
 def _spawn(fn, nprocs: int, *args) -> None:
-    mp.spawn(fn, args=(nprocs, _free_port(), *args), nprocs=nprocs, join=True)
+    for attempt in range(3):
+        try:
+            mp.spawn(fn, args=(nprocs, _free_port(), *args), nprocs=nprocs, join=True)
+            return
+        except Exception as exc:  # a probed free port can be taken before the store binds it: retry that only
+            text = str(exc).lower()
+            if attempt == 2 or not ("address already in use" in text or "eaddrinuse" in text):
+                raise
 
 
 def _init(rank: int, world: int, port: int) -> None:
