@@ -65,11 +65,23 @@ def combine_(target: list[torch.Tensor], vectors: list[list[torch.Tensor]], coef
         if not active or t.numel() == 0:
             continue
         high = t.dtype in (torch.float32, torch.float64)
-        acc = t if high else t.to(torch.float32)
-        for j, c in active:
-            v = vectors[j][i]
-            if v.dtype != acc.dtype and acc.dtype == torch.float64:
-                v = v.to(torch.float64)
-            acc.add_(v, alpha=-c)
-        if acc is not t:
-            t.copy_(acc)
+        if high:
+            for j, c in active:
+                v = vectors[j][i]
+                t.add_(v.to(t.dtype) if v.dtype != t.dtype and t.dtype == torch.float64 else v, alpha=-c)
+            continue
+        # Low-precision target: accumulate in fp32 one slab at a time (bounded extra memory), round once.
+        flat_t = t.view(-1) if t.is_contiguous() else None
+        pieces = range(0, t.numel(), SLICE) if flat_t is not None else [None]
+        flats = [_flat(vectors[j][i]) for j, _ in active] if flat_t is not None else []
+        for start in pieces:
+            if start is None:
+                dst, srcs = t, [vectors[j][i] for j, _ in active]
+            else:
+                stop = min(start + SLICE, t.numel())
+                dst = flat_t[start:stop]
+                srcs = [f[start:stop] for f in flats]
+            acc = dst.to(torch.float32)
+            for (_, c), v in zip(active, srcs):
+                acc.add_(v, alpha=-c)
+            dst.copy_(acc)
