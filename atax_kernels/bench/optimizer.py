@@ -84,22 +84,31 @@ def main(argv: Sequence[str] | None = None) -> int:
     grads = [torch.randn_like(p) for p in params]
     ref = [torch.randn_like(p) for p in params]
     times: dict[str, list[float]] = {"plain AdamW step": [], "project_ alone": [], "wrapped AdamW step": []}
-    for r in range(args.repeat + 1):
+    def time_plain(r):
         _step("plain", plain, params, r)
         t0 = time.perf_counter()
         plain.step()
-        t_plain = time.perf_counter() - t0
+        return time.perf_counter() - t0
+
+    def time_project(r):
         t0 = time.perf_counter()
         atax_kernels.project_(grads, ref, backend=args.backend)
-        t_proj = time.perf_counter() - t0
+        return time.perf_counter() - t0
+
+    def time_wrapped(r):
         _step("wrapped", wrapped, wparams, r)
         t0 = time.perf_counter()
         wrapped.step()
-        t_wrapped = time.perf_counter() - t0
-        if r:  # the first round builds optimizer state
-            times["plain AdamW step"].append(t_plain)
-            times["project_ alone"].append(t_proj)
-            times["wrapped AdamW step"].append(t_wrapped)
+        return time.perf_counter() - t0
+
+    runners = {"plain AdamW step": time_plain, "project_ alone": time_project, "wrapped AdamW step": time_wrapped}
+    order = list(runners)
+    for r in range(args.repeat + 1):
+        # Rotate the order every round so no implementation always follows the same one (cache/allocator state).
+        for name in order[r % 3:] + order[:r % 3]:
+            t = runners[name](r)
+            if r:  # the first round builds optimizer state
+                times[name].append(t)
     med = {k: sorted(v)[len(v) // 2] * 1e3 for k, v in times.items()}
     overhead = (med["wrapped AdamW step"] - med["plain AdamW step"]) / med["project_ alone"]
 
@@ -119,7 +128,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     if mem["plain"]["peak_extra_bytes"] is not None and mem["wrapped"]["peak_extra_bytes"] is not None:
         extra = mem["wrapped"]["peak_extra_bytes"] - mem["plain"]["peak_extra_bytes"]
 
-    lines = [f"N = {n:,} parameters (fp32) in {len(params)} tensors, torch {torch.__version__}, "
+    from .core import environment
+
+    env = environment("cpu", [])
+    env["command"] = "python -m atax_kernels.bench.optimizer " + " ".join(argv if argv is not None else sys.argv[1:])
+    header = [f"- {k}: {v}" for k, v in env.items() if isinstance(v, (str, int, float))]
+    lines = header + ["", f"N = {n:,} parameters (fp32) in {len(params)} tensors, torch {torch.__version__}, "
              f"{torch.get_num_threads()} threads, median of {args.repeat}", "",
              "| step | median ms |", "|---|---|"]
     lines += [f"| {k} | {v:.1f} |" for k, v in med.items()]
