@@ -110,7 +110,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             if r:  # the first round builds optimizer state
                 times[name].append(t)
     med = {k: sorted(v)[len(v) // 2] * 1e3 for k, v in times.items()}
-    overhead = (med["wrapped AdamW step"] - med["plain AdamW step"]) / med["project_ alone"]
+    best = {k: min(v) * 1e3 for k, v in times.items()}
+    # Minimum over repeats: the machine is shared and a single disturbed round moves a median of few repeats.
+    overhead = (best["wrapped AdamW step"] - best["plain AdamW step"]) / best["project_ alone"]
 
     mem = {}
     for kind in ("plain", "wrapped"):
@@ -135,9 +137,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     header = [f"- {k}: {v}" for k, v in env.items() if isinstance(v, (str, int, float))]
     lines = header + ["", f"N = {n:,} parameters (fp32) in {len(params)} tensors, torch {torch.__version__}, "
              f"{torch.get_num_threads()} threads, median of {args.repeat}", "",
-             "| step | median ms |", "|---|---|"]
-    lines += [f"| {k} | {v:.1f} |" for k, v in med.items()]
-    lines += ["", f"wrapper overhead over the plain step = {overhead:.2f}x the project_ time (target <= 1.2x)"]
+             "| step | median ms | min ms |", "|---|---|---|"]
+    lines += [f"| {k} | {v:.1f} | {best[k]:.1f} |" for k, v in med.items()]
+    lines += ["", f"wrapper overhead over the plain step (minimum times) = {overhead:.2f}x the project_ time "
+                  f"(target <= 1.2x)"]
     for kind in ("plain", "wrapped"):
         b = mem[kind]["peak_extra_bytes"]
         lines.append(f"peak RSS growth during {kind} step: "
