@@ -464,3 +464,19 @@ def test_grpo_trainer(tok, tmp_path):
     handle = attach(trainer, reference=capability_batches(tok))
     trainer.train()
     _check_trl_run(trainer, handle)
+
+
+def test_tax_rate_logged_from_statistics():
+    import types as _types
+
+    from atax_kernels.integrations.hf import AtaxHandle
+
+    handle = AtaxHandle.__new__(AtaxHandle)
+    handle.mode, handle.strength, handle.granularity, handle.log_tax_rate = "orthogonal", 1.0, "global", True
+    handle.last_ref_norm = torch.tensor([2.0])
+    handle.last_stats = _types.SimpleNamespace(cosines=torch.tensor([0.6]), removed_fraction=torch.tensor(0.6),
+                                               skipped=torch.tensor(False))
+    values = handle.log_values()
+    assert values["atax/tax_rate"] == pytest.approx(0.36)
+    handle.log_tax_rate = False
+    assert "atax/tax_rate" not in handle.log_values()

@@ -505,6 +505,11 @@ class AtaxHandle:
             out.update({f"atax/cosine/{j}": float(c) for j, c in enumerate(cos)})
         out["atax/removed_fraction"] = float(s.removed_fraction)
         out["atax/skipped"] = float(bool(s.skipped))
+        if getattr(self, "log_tax_rate", False) and not bool(s.skipped):
+            if len(cos) == 1:
+                out["atax/tax_rate"] = float(cos[0]) ** 2
+            elif self.mode == "orthogonal" and self.granularity == "global" and self.strength > 0:
+                out["atax/tax_rate"] = min(1.0, (float(s.removed_fraction) / self.strength) ** 2)
         if len(norms) == 1:
             out["atax/ref_norm"] = float(norms[0])
         else:
@@ -581,6 +586,7 @@ def attach(
     refresh_every: int = 1,
     reference_dtype: torch.dtype | None = None,
     backend: str | None = None,
+    log_tax_rate: bool = False,
 ) -> AtaxHandle:
     """Project the trainer's (safety) gradients against a capability reference before every optimizer step.
 
@@ -598,6 +604,10 @@ def attach(
         refresh_every: recompute the capability gradient every this many optimizer steps (reusing the
             previous live reference, or the EMA, in between). Each refresh costs one forward + backward.
         reference_dtype: EMA buffer dtype (``torch.bfloat16`` halves its memory); default the gradient's.
+        log_tax_rate: also log ``atax/tax_rate``: the :func:`atax_kernels.tax.tax_rate` of this step's safety
+            gradient against the reference span (one sample each, so it is the fraction of ``|g|^2`` inside
+            the span: ``cos^2`` for one reference; for several, ``(removed_fraction / strength)^2`` in
+            orthogonal mode). Free: computed from the projection's statistics, no extra pass.
 
     Returns:
         An :class:`AtaxHandle` (``handle.detach()`` undoes everything; ``handle.last_stats``).
@@ -637,5 +647,6 @@ def attach(
         if reference_dtype is not None:
             warnings.warn("reference_dtype only applies to EMA references", stacklevel=2)
     handle = AtaxHandle(trainer, ref, mode, strength, granularity, refresh_every, reference_dtype, backend)
+    handle.log_tax_rate = bool(log_tax_rate)
     handle._install()
     return handle
