@@ -46,7 +46,9 @@ def gram(vectors: list[list[torch.Tensor]], per_tensor: bool) -> torch.Tensor:
             blocks = slab[:, :padded].view(m, padded // BLOCK, BLOCK).transpose(0, 1)
             partial = torch.bmm(blocks, blocks.transpose(1, 2))
             acc += partial.to(torch.float64).sum(0)
-    return out
+    # bmm(X, X^T) is not bitwise symmetric on every BLAS (oneDNN/AVX-512 kernels round the two triangles
+    # differently); the contract promises exact symmetry, so mirror the upper triangle
+    return torch.triu(out) + torch.triu(out, 1).transpose(-1, -2)
 
 
 def combine_(target: list[torch.Tensor], vectors: list[list[torch.Tensor]], coefs: torch.Tensor) -> None:
