@@ -267,6 +267,52 @@ def test_combine_deterministic_and_repeated():
         assert torch.equal(x, y)
 
 
+# ---------------------------------------------------------------- aligned (128-bit) path vs scalar path
+def _misaligned_copy(t):
+    """Same values at an address that is 2 bytes (bf16/fp16) or 4 bytes (fp32) past a 16-byte boundary."""
+    buf = torch.empty(t.numel() + 1, dtype=t.dtype)
+    out = buf[1:].view(t.shape)
+    out.copy_(t)
+    assert out.data_ptr() % 16 != 0
+    return out
+
+
+@pytest.mark.parametrize("per_tensor", [False, True])
+def test_gram_aligned_path_matches_scalar_path_bitwise(per_tensor):
+    gen = torch.Generator().manual_seed(21)
+    shapes = [(9000,), (1024,), (33,), (4096 + 1024 + 5,)]  # full blocks, exact block, tail only, mixed
+    vectors = [make_list(shapes, [torch.float32, torch.bfloat16], gen), make_list(shapes, [torch.float16], gen)]
+    _table.clear_cache()
+    aligned = call_gram(vectors, per_tensor)
+    assert all(tab.aligned for tab in _table._cache.values())
+    check_gram(aligned, vectors, per_tensor)
+    shifted = [[_misaligned_copy(t) for t in lst] for lst in vectors]
+    _table.clear_cache()
+    scalar = call_gram(shifted, per_tensor)
+    assert not any(tab.aligned for tab in _table._cache.values())
+    assert torch.equal(aligned, scalar)
+
+
+def test_combine_aligned_path_matches_scalar_path_bitwise():
+    gen = torch.Generator().manual_seed(22)
+    shapes = [(9000,), (1024,), (33,), (4096 + 1024 + 5,)]
+    target = make_list(shapes, [torch.bfloat16, torch.float32, torch.float16], gen)
+    vectors = [make_list(shapes, [torch.float32], gen), make_list(shapes, [torch.bfloat16], gen)]
+    coefs = torch.tensor([0.5, -1.25], dtype=torch.float64)
+    before = [t.clone() for t in target]
+    shifted_target = [_misaligned_copy(t) for t in target]
+    shifted_vectors = [[_misaligned_copy(t) for t in lst] for lst in vectors]
+    _table.clear_cache()
+    tb.combine_(target, vectors, coefs)
+    assert all(tab.aligned for tab in _table._cache.values())
+    check_combine(target, oracle_combine(before, vectors, coefs), before, vectors, coefs)
+    _table.clear_cache()
+    tb.combine_(shifted_target, shifted_vectors, coefs)
+    assert not any(tab.aligned for tab in _table._cache.values())
+    for a, b in zip(target, shifted_target):
+        assert torch.equal(a, b)
+
+
 # ---------------------------------------------------------------- ops / registration
 def test_available():
     assert tb.available(torch.device("cpu"))

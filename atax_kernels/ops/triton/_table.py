@@ -5,7 +5,8 @@ A *table* describes how the n tensors of one call are cut into fixed-size chunks
 * ``chunks``: int64 ``[C, 3]`` -- per chunk ``(tensor index, start element, length)``; chunks of one
   tensor are consecutive, tensors appear in order, zero-size tensors own no chunk.
 * ``segs``: int64 ``[n, 2]`` -- per tensor ``(first chunk, end chunk)`` (used by the segmented reduction).
-* ``ptrs``: int64 ``[L * n]`` -- ``data_ptr`` of tensor ``i`` of list ``l`` at ``l * n + i``.
+* ``ptrs``: int64 ``[L * n]`` -- the address of tensor ``i`` of list ``l`` at ``l * n + i``: its ``data_ptr``,
+  or, when the table is ``aligned``, its distance from the device's *anchor* in 16-byte units.
 * ``dts``: int32 ``[L * n]`` -- dtype code (0 fp32, 1 fp16, 2 bf16) at the same place.
 
 The chunk size is fixed (``CHUNK``) and independent of the kernels' BLOCK sizes, so the reduction order and
@@ -15,6 +16,12 @@ hence the bits of every result depend only on the shapes. Tables are cached in a
 When every list is a run of contiguous tensors laid back-to-back in one buffer (DDP bucket views, flat
 gradient buffers) the caller may use the *flat* layout: one pseudo tensor per list covering the whole
 buffer; kernels then derive the chunk from the program id and never read the chunk table.
+
+Why the anchor: Triton's alignment analysis cannot see through an int-to-pointer cast, so loads from a
+``data_ptr`` read out of a table compile to scalar accesses. When every tensor of a call starts on a 16-byte
+boundary (the usual case) the kernels instead address tensor ``i`` as ``anchor + q_i * (16 / itemsize)``: the
+anchor is a kernel argument (which Triton specializes as 16-byte aligned) and the offset is visibly a multiple
+of 16 bytes, so full blocks compile to 128-bit ``ld.global.v4`` / ``st.global.v4``.
 """
 from __future__ import annotations
 
@@ -22,8 +29,11 @@ from collections import OrderedDict
 from dataclasses import dataclass
 
 import torch
+import triton
+import triton.language as tl
 
 CHUNK = 4096
+ALIGN_BYTES = 16
 _CACHE_SIZE = 32
 
 _DTYPE_CODE = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
@@ -36,6 +46,7 @@ def dtype_code(dt: torch.dtype) -> int:
 @dataclass
 class Table:
     n: int  # tensors per list (1 in the flat layout)
+    aligned: bool  # every tensor starts on a 16-byte boundary: ptrs are anchor offsets, 128-bit load path
     n_chunks: int
     total: int  # elements per list
     flat: bool
@@ -43,6 +54,22 @@ class Table:
     segs: torch.Tensor
     ptrs: torch.Tensor
     dts: torch.Tensor
+    bases: tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # the anchor viewed as fp32, fp16, bf16
+
+
+_anchors: dict[str, torch.Tensor] = {}
+
+
+def anchor(device: torch.device) -> torch.Tensor:
+    """A small 16-byte aligned buffer per device that aligned tables address tensors relative to."""
+    key = str(device)
+    a = _anchors.get(key)
+    if a is None:
+        a = torch.zeros(ALIGN_BYTES, dtype=torch.uint8, device=device)
+        if a.data_ptr() % ALIGN_BYTES:  # allocators align far more than this; never expected
+            raise RuntimeError(f"atax triton: allocator returned an unaligned buffer on {device}")
+        _anchors[key] = a
+    return a
 
 
 _cache: "OrderedDict[tuple, Table]" = OrderedDict()
@@ -110,12 +137,17 @@ def get_table(lists: list[list[torch.Tensor]], flat: bool) -> Table:
                 chunk_rows.append((i, s, min(CHUNK, ne - s)))
             segs.append((first, len(chunk_rows)))
         nch = len(chunk_rows)
+    aligned = all(p % ALIGN_BYTES == 0 for p in ptrs)
+    base = anchor(device)
+    if aligned:
+        ptrs = [(p - base.data_ptr()) // ALIGN_BYTES for p in ptrs]
     if flat or nch == 0:
         chunks_t = torch.zeros((1, 3), dtype=torch.int64)
     else:
         chunks_t = torch.tensor(chunk_rows, dtype=torch.int64)
     tab = Table(
         n=n,
+        aligned=aligned,
         n_chunks=nch,
         total=total,
         flat=flat,
@@ -123,11 +155,40 @@ def get_table(lists: list[list[torch.Tensor]], flat: bool) -> Table:
         segs=torch.tensor(segs, dtype=torch.int64).reshape(-1, 2).to(device),
         ptrs=torch.tensor(ptrs, dtype=torch.int64).to(device),
         dts=torch.tensor(dts, dtype=torch.int32).to(device),
+        bases=(base.view(torch.float32), base.view(torch.float16), base.view(torch.bfloat16)),
     )
     _cache[key] = tab
     while len(_cache) > _CACHE_SIZE:
         _cache.popitem(last=False)
     return tab
+
+
+@triton.jit
+def ptr_f32(entry, base32, ALIGNED: tl.constexpr):
+    """fp32 pointer of a ``ptrs`` table entry (anchor offset on the aligned path, else a raw address)."""
+    if ALIGNED:
+        p = base32 + entry * 4
+    else:
+        p = entry.to(tl.pointer_type(tl.float32))
+    return p
+
+
+@triton.jit
+def ptr_f16(entry, base16, ALIGNED: tl.constexpr):
+    if ALIGNED:
+        p = base16 + entry * 8
+    else:
+        p = entry.to(tl.pointer_type(tl.float16))
+    return p
+
+
+@triton.jit
+def ptr_bf16(entry, basebf, ALIGNED: tl.constexpr):
+    if ALIGNED:
+        p = basebf + entry * 8
+    else:
+        p = entry.to(tl.pointer_type(tl.bfloat16))
+    return p
 
 
 def keep_opaque(op) -> None:

@@ -6,6 +6,11 @@ from the dtype table, so mixed dtypes (target or vectors) need no extra launch. 
 device memory (no host sync). A term whose coefficient is 0 is skipped by a scalar branch (its vector is not
 read, so inf/NaN cannot leak); if all coefficients of a tensor are 0 the program stores nothing.
 Arithmetic in fp32, one rounding to the target dtype.
+
+Aligned path (``ALIGNED``: every tensor of the call starts on a 16-byte boundary, the usual case): the full
+``BLOCK``-sized blocks of a chunk are loaded and stored without a mask from base addresses the compiler can
+prove 16-byte aligned (anchor-relative addressing, see ``_table``), so they compile to 128-bit ``ld.global.v4`` /
+``st.global.v4``; only the chunk's last partial block is masked (the scalar tail).
 """
 from __future__ import annotations
 
@@ -19,22 +24,56 @@ _BLOCK = 1024
 
 
 @triton.jit
-def _load_f32(addr, dt, col, mask):
-    # scalar dtype code -> one typed load, upcast right away
-    x = tl.zeros(col.shape, dtype=tl.float32)
-    if dt == 0:
-        x = tl.load(addr.to(tl.pointer_type(tl.float32)) + col, mask=mask, other=0.0)
-    elif dt == 1:
-        x = tl.load(addr.to(tl.pointer_type(tl.float16)) + col, mask=mask, other=0.0).to(tl.float32)
+def _load_typed(ptr, mask, MASKED: tl.constexpr):
+    if MASKED:
+        x = tl.load(ptr, mask=mask, other=0.0)
     else:
-        x = tl.load(addr.to(tl.pointer_type(tl.bfloat16)) + col, mask=mask, other=0.0).to(tl.float32)
+        x = tl.load(ptr)
     return x
 
 
 @triton.jit
+def _load_f32(entry, dt, col, mask, base32, base16, basebf, ALIGNED: tl.constexpr, MASKED: tl.constexpr):
+    # scalar dtype code -> one typed load, upcast right away
+    x = tl.zeros(col.shape, dtype=tl.float32)
+    if dt == 0:
+        x = _load_typed(_table.ptr_f32(entry, base32, ALIGNED) + col, mask, MASKED)
+    elif dt == 1:
+        x = _load_typed(_table.ptr_f16(entry, base16, ALIGNED) + col, mask, MASKED).to(tl.float32)
+    else:
+        x = _load_typed(_table.ptr_bf16(entry, basebf, ALIGNED) + col, mask, MASKED).to(tl.float32)
+    return x
+
+
+@triton.jit
+def _combine_block(
+    tentry, tdt, cbase, ptrs_ptr, dts_ptr, n, tidx, K, col, mask, base32, base16, basebf,
+    ALIGNED: tl.constexpr, MASKED: tl.constexpr,
+):
+    t = _load_f32(tentry, tdt, col, mask, base32, base16, basebf, ALIGNED, MASKED)
+    s = tl.zeros(col.shape, dtype=tl.float32)
+    for j in range(K):
+        c = tl.load(cbase + j).to(tl.float32)
+        if c != 0.0:
+            slot = (j + 1) * n + tidx
+            v = _load_f32(tl.load(ptrs_ptr + slot), tl.load(dts_ptr + slot), col, mask, base32, base16, basebf,
+                          ALIGNED, MASKED)
+            s += c * v
+    r = t - s
+    if not MASKED:
+        mask = None
+    if tdt == 0:
+        tl.store(_table.ptr_f32(tentry, base32, ALIGNED) + col, r, mask=mask)
+    elif tdt == 1:
+        tl.store(_table.ptr_f16(tentry, base16, ALIGNED) + col, r.to(tl.float16), mask=mask)
+    else:
+        tl.store(_table.ptr_bf16(tentry, basebf, ALIGNED) + col, r.to(tl.bfloat16), mask=mask)
+
+
+@triton.jit
 def _combine_kernel(
-    chunks_ptr, ptrs_ptr, dts_ptr, coef_ptr, n, total, K, COEF_STRIDE,
-    CHUNK: tl.constexpr, BLOCK: tl.constexpr, FLAT: tl.constexpr,
+    chunks_ptr, ptrs_ptr, dts_ptr, coef_ptr, base32, base16, basebf, n, total, K, COEF_STRIDE,
+    CHUNK: tl.constexpr, BLOCK: tl.constexpr, FLAT: tl.constexpr, ALIGNED: tl.constexpr,
 ):
     # ptrs/dts: list 0 = target, list j + 1 = vectors[j]
     pid = tl.program_id(0).to(tl.int64)
@@ -44,7 +83,8 @@ def _combine_kernel(
         length = tl.minimum(total - start, CHUNK)
     else:
         tidx = tl.load(chunks_ptr + pid * 3)
-        start = tl.load(chunks_ptr + pid * 3 + 1)
+        # chunks start at multiples of CHUNK inside their tensor; the round trip tells the compiler so
+        start = tl.load(chunks_ptr + pid * 3 + 1) // CHUNK * CHUNK
         length = tl.load(chunks_ptr + pid * 3 + 2)
     cbase = coef_ptr + tidx * COEF_STRIDE
     anynz = 0
@@ -53,28 +93,21 @@ def _combine_kernel(
         if c != 0.0:
             anynz = 1
     if anynz != 0:
-        taddr = tl.load(ptrs_ptr + tidx)
+        tentry = tl.load(ptrs_ptr + tidx)
         tdt = tl.load(dts_ptr + tidx)
         lane = tl.arange(0, BLOCK).to(tl.int64)
-        for off in range(0, length, BLOCK):
+        n_full = length // BLOCK
+        if ALIGNED:  # full blocks unmasked (128-bit accesses), then the masked tail
+            for b in range(0, n_full):
+                col = start + b * BLOCK + lane
+                _combine_block(tentry, tdt, cbase, ptrs_ptr, dts_ptr, n, tidx, K, col, col,
+                               base32, base16, basebf, ALIGNED, False)
+        else:
+            n_full = 0
+        for off in range(n_full * BLOCK, length, BLOCK):
             idx = off + lane
-            mask = idx < length
-            col = start + idx
-            t = _load_f32(taddr, tdt, col, mask)
-            s = tl.zeros([BLOCK], dtype=tl.float32)
-            for j in range(K):
-                c = tl.load(cbase + j).to(tl.float32)
-                if c != 0.0:
-                    slot = (j + 1) * n + tidx
-                    v = _load_f32(tl.load(ptrs_ptr + slot), tl.load(dts_ptr + slot), col, mask)
-                    s += c * v
-            r = t - s
-            if tdt == 0:
-                tl.store(taddr.to(tl.pointer_type(tl.float32)) + col, r, mask=mask)
-            elif tdt == 1:
-                tl.store(taddr.to(tl.pointer_type(tl.float16)) + col, r.to(tl.float16), mask=mask)
-            else:
-                tl.store(taddr.to(tl.pointer_type(tl.bfloat16)) + col, r.to(tl.bfloat16), mask=mask)
+            _combine_block(tentry, tdt, cbase, ptrs_ptr, dts_ptr, n, tidx, K, start + idx, idx < length,
+                           base32, base16, basebf, ALIGNED, True)
 
 
 def _combine_impl(target: list[torch.Tensor], vectors: list[torch.Tensor], coefs: torch.Tensor) -> None:
@@ -88,8 +121,8 @@ def _combine_impl(target: list[torch.Tensor], vectors: list[torch.Tensor], coefs
     tab = _table.get_table(lists, flat)
     if tab.n_chunks > 0 and k > 0:
         torch.library.wrap_triton(_combine_kernel)[(tab.n_chunks,)](
-            tab.chunks, tab.ptrs, tab.dts, coefs, tab.n, tab.total, k, k if per_tensor else 0,
-            CHUNK=_table.CHUNK, BLOCK=_BLOCK, FLAT=flat,
+            tab.chunks, tab.ptrs, tab.dts, coefs, *tab.bases, tab.n, tab.total, k, k if per_tensor else 0,
+            CHUNK=_table.CHUNK, BLOCK=_BLOCK, FLAT=flat, ALIGNED=tab.aligned,
         )
     for t, c in zip(target, tgt):
         if c is not t:

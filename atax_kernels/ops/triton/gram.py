@@ -8,6 +8,8 @@ chunk and writes the chunk's float64 partial ``[m, m]``.
 Pass 2 (``_seg_reduce_kernel``): one program per (segment, column block) sums its segment's partials in a
 fixed order (tiles of R chunks, ``tl.sum`` over each tile) in float64. Segment = one tensor (per_tensor)
 or all chunks (global). No atomics: the bits depend only on the shapes.
+When every tensor is 16-byte aligned, the full ``BLOCK``-column tiles of a chunk load without a column mask
+from anchor-relative addresses (see ``_table``), i.e. as 128-bit loads; the chunk's partial tile is masked.
 """
 from __future__ import annotations
 
@@ -22,9 +24,20 @@ _COLS = 64  # partial entries per program in the segmented reduction
 
 
 @triton.jit
+def _gram_tile(p32, p16, pbf, col, m32, m16, mbf, acc):
+    # rows of other dtypes are fully masked off: their loads move no memory
+    x32 = tl.load(p32[:, None] + col, mask=m32, other=0.0)
+    x16 = tl.load(p16[:, None] + col, mask=m16, other=0.0).to(tl.float32)
+    xbf = tl.load(pbf[:, None] + col, mask=mbf, other=0.0).to(tl.float32)
+    x = tl.where(m32, x32, tl.where(m16, x16, xbf))
+    return acc + tl.dot(x, tl.trans(x), input_precision="ieee")
+
+
+@triton.jit
 def _gram_chunk_kernel(
-    chunks_ptr, ptrs_ptr, dts_ptr, part_ptr, n, total,
+    chunks_ptr, ptrs_ptr, dts_ptr, part_ptr, base32, base16, basebf, n, total,
     M: tl.constexpr, MP: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr, FLAT: tl.constexpr,
+    ALIGNED: tl.constexpr,
 ):
     pid = tl.program_id(0).to(tl.int64)
     if FLAT:
@@ -33,30 +46,34 @@ def _gram_chunk_kernel(
         length = tl.minimum(total - start, CHUNK)
     else:
         tidx = tl.load(chunks_ptr + pid * 3)
-        start = tl.load(chunks_ptr + pid * 3 + 1)
+        # chunks start at multiples of CHUNK inside their tensor; the round trip tells the compiler so
+        start = tl.load(chunks_ptr + pid * 3 + 1) // CHUNK * CHUNK
         length = tl.load(chunks_ptr + pid * 3 + 2)
     rows = tl.arange(0, MP)
     rmask = rows < M
     slot = rows.to(tl.int64) * n + tidx
-    addr = tl.load(ptrs_ptr + slot, mask=rmask, other=0)
+    entry = tl.load(ptrs_ptr + slot, mask=rmask, other=0)
     dt = tl.load(dts_ptr + slot, mask=rmask, other=-1)
-    p32 = addr.to(tl.pointer_type(tl.float32))
-    p16 = addr.to(tl.pointer_type(tl.float16))
-    pbf = addr.to(tl.pointer_type(tl.bfloat16))
-    is32 = (dt == 0)[:, None]
-    is16 = (dt == 1)[:, None]
-    isbf = (dt == 2)[:, None]
+    p32 = _table.ptr_f32(entry, base32, ALIGNED)
+    p16 = _table.ptr_f16(entry, base16, ALIGNED)
+    pbf = _table.ptr_bf16(entry, basebf, ALIGNED)
+    # per-row masks, constant along a row: full blocks stay vectorizable
+    m32 = (rmask & (dt == 0))[:, None]
+    m16 = (rmask & (dt == 1))[:, None]
+    mbf = (rmask & (dt == 2))[:, None]
     lane = tl.arange(0, BLOCK).to(tl.int64)
     acc = tl.zeros([MP, MP], dtype=tl.float32)
-    for off in range(0, length, BLOCK):
+    n_full = length // BLOCK
+    if ALIGNED:  # full blocks without a column mask (128-bit loads), then the masked tail
+        for b in range(0, n_full):
+            col = (start + b * BLOCK + lane)[None, :]
+            acc = _gram_tile(p32, p16, pbf, col, m32, m16, mbf, acc)
+    else:
+        n_full = 0
+    for off in range(n_full * BLOCK, length, BLOCK):
         idx = off + lane
-        m2 = rmask[:, None] & (idx < length)[None, :]
-        col = (start + idx)[None, :]
-        x32 = tl.load(p32[:, None] + col, mask=m2 & is32, other=0.0)
-        x16 = tl.load(p16[:, None] + col, mask=m2 & is16, other=0.0).to(tl.float32)
-        xbf = tl.load(pbf[:, None] + col, mask=m2 & isbf, other=0.0).to(tl.float32)
-        x = tl.where(is32, x32, tl.where(is16, x16, xbf))
-        acc += tl.dot(x, tl.trans(x), input_precision="ieee")
+        inside = (idx < length)[None, :]
+        acc = _gram_tile(p32, p16, pbf, (start + idx)[None, :], m32 & inside, m16 & inside, mbf & inside, acc)
     r = tl.arange(0, MP).to(tl.int64)
     out = part_ptr + pid * (M * M) + r[:, None] * M + r[None, :]
     tl.store(out, acc.to(tl.float64), mask=rmask[:, None] & rmask[None, :])
@@ -94,8 +111,8 @@ def _gram_impl(vectors: list[torch.Tensor], m: int, per_tensor: bool) -> torch.T
     partials = torch.empty((max(tab.n_chunks, 1), m, m), dtype=torch.float64, device=device)
     if tab.n_chunks > 0:
         torch.library.wrap_triton(_gram_chunk_kernel)[(tab.n_chunks,)](
-            tab.chunks, tab.ptrs, tab.dts, partials, tab.n, tab.total,
-            M=m, MP=mp, CHUNK=_table.CHUNK, BLOCK=_block_for(mp), FLAT=flat,
+            tab.chunks, tab.ptrs, tab.dts, partials, *tab.bases, tab.n, tab.total,
+            M=m, MP=mp, CHUNK=_table.CHUNK, BLOCK=_block_for(mp), FLAT=flat, ALIGNED=tab.aligned,
         )
     nseg = n if per_tensor else 1
     segs = tab.segs if per_tensor else torch.tensor([[0, tab.n_chunks]], dtype=torch.int64, device=device)
