@@ -156,56 +156,105 @@ def base_model(seed: int, pretrain_steps: int, log=print) -> torch.nn.Module:
 
 
 def run(quick: bool = False, seed: int = 0, steps: int | None = None, lrs: Sequence[float] | None = None,
-        progress: bool = True, log=print) -> list[dict[str, Any]]:
+        progress: bool = True, log=print, jobs: int | None = None) -> list[dict[str, Any]]:
+    """Run every method at every learning rate; returns the table rows (see the module docstring).
+
+    ``jobs`` worker processes train independent runs side by side (default: up to 2, one per core). Each run
+    is seeded on its own and trains on one thread, so the rows do not depend on ``jobs`` or on the order in
+    which the runs finish."""
+    if jobs is None:
+        jobs = max(1, min(2, os.cpu_count() or 1))
+    if jobs < 1:
+        raise ValueError(f"jobs must be >= 1, got {jobs}")
     # One thread: the model is tiny (2-thread matmuls only add overhead) and results do not depend on
     # how many cores the machine has.
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        return _run(quick, seed, steps, lrs, progress, log)
+        return _run(quick, seed, steps, lrs, progress, log, jobs)
     finally:
         torch.set_num_threads(threads)
 
 
-def _run(quick, seed, steps, lrs, progress, log) -> list[dict[str, Any]]:
+# Per-process state of a worker: the frozen base model and its per-example capability scores.
+_worker: dict[str, Any] = {}
+
+
+def _init_worker(base_state: dict[str, torch.Tensor], seed: int) -> None:
+    torch.set_num_threads(1)
+    base = M.make_model(seed=seed)
+    base.load_state_dict(base_state)
+    base.eval()
+    for p in base.parameters():
+        p.requires_grad_(False)
+    _worker.update(base=base, base_scores=per_example_capability(base))
+
+
+def _train_one(m: Method, lr: float, steps: int, seed: int) -> tuple[dict[str, Any], dict[str, torch.Tensor] | None]:
+    """One (method, lr) run in this process; returns its row and, for plain runs, the trained weights
+    (the source of the interpolation rows)."""
+    base, base_scores = _worker["base"], _worker["base_scores"]
+    torch.manual_seed(seed)  # each run on its own: rows do not depend on which runs came before
+    t0 = time.perf_counter()
+    model = copy.deepcopy(base)
+    for p in model.parameters():
+        p.requires_grad_(True)
+    with M._flush_denormal():
+        if m.kind == "finetune":
+            M.finetune_safety(model, steps=steps, lr=lr, seed=seed, **m.kwargs)
+        else:
+            _mixed_loss_loop(model, base, steps=steps, lr=lr, seed=seed,
+                             ptx=m.kwargs.get("weight", 0.0), kl=m.kwargs.get("beta", 0.0))
+        seconds = time.perf_counter() - t0
+        row = dict(method=m.name, lr=lr, steps=steps, extra_backwards=m.extra_backwards, seconds=seconds,
+                   **evaluate_row(model, base, base_scores))
+    return row, (model.state_dict() if m.name == "plain" else None)
+
+
+def _run(quick, seed, steps, lrs, progress, log, jobs) -> list[dict[str, Any]]:
     torch.manual_seed(seed)
     steps = steps or (120 if quick else 300)
     lrs = list(lrs or ((3e-4, 1e-3) if quick else (1e-4, 3e-4, 1e-3)))
     base = base_model(seed, pretrain_steps=300, log=log)
-    for p in base.parameters():
-        p.requires_grad_(False)
-    base_scores = per_example_capability(base)
-    log(f"base capability {float(base_scores.mean()):.3f}; fine-tuning {steps} steps at lr {lrs}")
+    base_state = {k: v.detach().clone() for k, v in base.state_dict().items()}
+    _init_worker(base_state, seed)
+    base, base_scores = _worker["base"], _worker["base_scores"]
+    log(f"base capability {float(base_scores.mean()):.3f}; fine-tuning {steps} steps at lr {lrs}"
+        + (f" ({jobs} worker processes)" if jobs > 1 else ""))
     plan = [(m, lr) for m in methods(quick) for lr in lrs]
-    rows: list[dict[str, Any]] = []
-    plain_models: dict[float, torch.nn.Module] = {}
+    trained = [(i, m, lr) for i, (m, lr) in enumerate(plan) if m.kind != "interp"]
+    results: dict[int, tuple[dict[str, Any], dict[str, torch.Tensor] | None]] = {}
     bar = _progress(len(plan), progress)
+    if jobs == 1:
+        for i, m, lr in trained:
+            results[i] = _train_one(m, lr, steps, seed)
+            bar.update(1)
+    else:
+        import concurrent.futures as cf
+        import multiprocessing as mp
+
+        # longest runs first (extra backward passes dominate), so the workers finish together
+        order = sorted(trained, key=lambda t: -t[1].extra_backwards)
+        with cf.ProcessPoolExecutor(jobs, mp_context=mp.get_context("spawn"), initializer=_init_worker,
+                                    initargs=(base_state, seed)) as pool:
+            futures = {pool.submit(_train_one, m, lr, steps, seed): i for i, m, lr in order}
+            for fut in cf.as_completed(futures):
+                results[futures[fut]] = fut.result()
+                bar.update(1)
+    plain_states = {plan[i][1]: state for i, (_, state) in results.items() if state is not None}
+    rows: list[dict[str, Any]] = []
     with M._flush_denormal():
-        for m, lr in plan:
-            t0 = time.perf_counter()
-            model = copy.deepcopy(base)
-            for p in model.parameters():
-                p.requires_grad_(True)
-            if m.kind == "finetune":
-                M.finetune_safety(model, steps=steps, lr=lr, seed=seed, **m.kwargs)
-                if m.name == "plain":
-                    plain_models[lr] = model
-                rows.append(dict(method=m.name, lr=lr, steps=steps, extra_backwards=m.extra_backwards,
-                                 seconds=time.perf_counter() - t0, **evaluate_row(model, base, base_scores)))
-            elif m.kind in ("ptx", "kl"):
-                _mixed_loss_loop(model, base, steps=steps, lr=lr, seed=seed,
-                                 ptx=m.kwargs.get("weight", 0.0), kl=m.kwargs.get("beta", 0.0))
-                rows.append(dict(method=m.name, lr=lr, steps=steps, extra_backwards=m.extra_backwards,
-                                 seconds=time.perf_counter() - t0, **evaluate_row(model, base, base_scores)))
-            elif m.kind == "interp":
-                source = plain_models[lr]
-                base_state = {k: v for k, v in base.state_dict().items()}
-                for alpha in m.kwargs["alphas"]:
-                    t1 = time.perf_counter()
-                    mixed = copy.deepcopy(source)
-                    interpolate_(mixed, base_state, alpha)
-                    rows.append(dict(method=f"interp {alpha}", lr=lr, steps=steps, extra_backwards=0,
-                                     seconds=time.perf_counter() - t1, **evaluate_row(mixed, base, base_scores)))
+        for i, (m, lr) in enumerate(plan):
+            if m.kind != "interp":
+                rows.append(results[i][0])
+                continue
+            for alpha in m.kwargs["alphas"]:
+                t1 = time.perf_counter()
+                mixed = copy.deepcopy(base)
+                mixed.load_state_dict(plain_states[lr])
+                interpolate_(mixed, base_state, alpha)
+                rows.append(dict(method=f"interp {alpha}", lr=lr, steps=steps, extra_backwards=0,
+                                 seconds=time.perf_counter() - t1, **evaluate_row(mixed, base, base_scores)))
             bar.update(1)
     bar.close()
     return rows
@@ -255,10 +304,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--json", default=None, help="write the rows as JSON")
     ap.add_argument("--markdown", default=None, help="write the table as markdown")
     ap.add_argument("--plot", default=None, help="write the Pareto PNG")
+    ap.add_argument("--jobs", type=int, default=None,
+                    help="worker processes training runs side by side (default: up to 2); rows do not depend on it")
     ap.add_argument("--no-progress", action="store_true")
     args = ap.parse_args(argv)
     t0 = time.perf_counter()
-    rows = run(quick=args.quick, seed=args.seed, steps=args.steps, progress=not args.no_progress)
+    rows = run(quick=args.quick, seed=args.seed, steps=args.steps, progress=not args.no_progress, jobs=args.jobs)
     table = format_table(rows)
     print(table)
     print(f"\n{len(rows)} runs in {time.perf_counter() - t0:.1f} s")
