@@ -164,31 +164,30 @@ def get_table(lists: list[list[torch.Tensor]], flat: bool) -> Table:
 
 
 @triton.jit
-def ptr_f32(entry, base32, ALIGNED: tl.constexpr):
-    """fp32 pointer of a ``ptrs`` table entry (anchor offset on the aligned path, else a raw address)."""
+def typed_ptr(entry, base, ALIGNED: tl.constexpr):
+    """Pointer (typed like ``base``) of a ``ptrs`` table entry: ``base`` plus the entry's 16-byte units on the
+    aligned path (so the compiler sees the alignment), else the raw address the entry holds."""
     if ALIGNED:
-        p = base32 + entry * 4
+        p = base + entry * (128 // base.dtype.element_ty.primitive_bitwidth)
     else:
-        p = entry.to(tl.pointer_type(tl.float32))
+        p = entry.to(base.dtype)
     return p
 
 
 @triton.jit
-def ptr_f16(entry, base16, ALIGNED: tl.constexpr):
-    if ALIGNED:
-        p = base16 + entry * 8
+def chunk_bounds(chunks_ptr, pid, total, CHUNK: tl.constexpr, FLAT: tl.constexpr):
+    """(tensor index, first element, length) of chunk ``pid``: from the program id over one flat buffer, or
+    from the chunk table."""
+    if FLAT:
+        tidx = pid * 0
+        start = pid * CHUNK
+        length = tl.minimum(total - start, CHUNK)
     else:
-        p = entry.to(tl.pointer_type(tl.float16))
-    return p
-
-
-@triton.jit
-def ptr_bf16(entry, basebf, ALIGNED: tl.constexpr):
-    if ALIGNED:
-        p = basebf + entry * 8
-    else:
-        p = entry.to(tl.pointer_type(tl.bfloat16))
-    return p
+        tidx = tl.load(chunks_ptr + pid * 3)
+        # chunks start at multiples of CHUNK inside their tensor; the round trip tells the compiler so
+        start = tl.load(chunks_ptr + pid * 3 + 1) // CHUNK * CHUNK
+        length = tl.load(chunks_ptr + pid * 3 + 2)
+    return tidx, start, length
 
 
 def keep_opaque(op) -> None:

@@ -37,11 +37,11 @@ def _load_f32(entry, dt, col, mask, base32, base16, basebf, ALIGNED: tl.constexp
     # scalar dtype code -> one typed load, upcast right away
     x = tl.zeros(col.shape, dtype=tl.float32)
     if dt == 0:
-        x = _load_typed(_table.ptr_f32(entry, base32, ALIGNED) + col, mask, MASKED)
+        x = _load_typed(_table.typed_ptr(entry, base32, ALIGNED) + col, mask, MASKED)
     elif dt == 1:
-        x = _load_typed(_table.ptr_f16(entry, base16, ALIGNED) + col, mask, MASKED).to(tl.float32)
+        x = _load_typed(_table.typed_ptr(entry, base16, ALIGNED) + col, mask, MASKED).to(tl.float32)
     else:
-        x = _load_typed(_table.ptr_bf16(entry, basebf, ALIGNED) + col, mask, MASKED).to(tl.float32)
+        x = _load_typed(_table.typed_ptr(entry, basebf, ALIGNED) + col, mask, MASKED).to(tl.float32)
     return x
 
 
@@ -63,11 +63,11 @@ def _combine_block(
     if not MASKED:
         mask = None
     if tdt == 0:
-        tl.store(_table.ptr_f32(tentry, base32, ALIGNED) + col, r, mask=mask)
+        tl.store(_table.typed_ptr(tentry, base32, ALIGNED) + col, r, mask=mask)
     elif tdt == 1:
-        tl.store(_table.ptr_f16(tentry, base16, ALIGNED) + col, r.to(tl.float16), mask=mask)
+        tl.store(_table.typed_ptr(tentry, base16, ALIGNED) + col, r.to(tl.float16), mask=mask)
     else:
-        tl.store(_table.ptr_bf16(tentry, basebf, ALIGNED) + col, r.to(tl.bfloat16), mask=mask)
+        tl.store(_table.typed_ptr(tentry, basebf, ALIGNED) + col, r.to(tl.bfloat16), mask=mask)
 
 
 @triton.jit
@@ -77,15 +77,7 @@ def _combine_kernel(
 ):
     # ptrs/dts: list 0 = target, list j + 1 = vectors[j]
     pid = tl.program_id(0).to(tl.int64)
-    if FLAT:
-        tidx = pid * 0
-        start = pid * CHUNK
-        length = tl.minimum(total - start, CHUNK)
-    else:
-        tidx = tl.load(chunks_ptr + pid * 3)
-        # chunks start at multiples of CHUNK inside their tensor; the round trip tells the compiler so
-        start = tl.load(chunks_ptr + pid * 3 + 1) // CHUNK * CHUNK
-        length = tl.load(chunks_ptr + pid * 3 + 2)
+    tidx, start, length = _table.chunk_bounds(chunks_ptr, pid, total, CHUNK, FLAT)
     cbase = coef_ptr + tidx * COEF_STRIDE
     anynz = 0
     for j in range(K):

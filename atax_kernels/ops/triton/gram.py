@@ -40,23 +40,15 @@ def _gram_chunk_kernel(
     ALIGNED: tl.constexpr,
 ):
     pid = tl.program_id(0).to(tl.int64)
-    if FLAT:
-        tidx = pid * 0
-        start = pid * CHUNK
-        length = tl.minimum(total - start, CHUNK)
-    else:
-        tidx = tl.load(chunks_ptr + pid * 3)
-        # chunks start at multiples of CHUNK inside their tensor; the round trip tells the compiler so
-        start = tl.load(chunks_ptr + pid * 3 + 1) // CHUNK * CHUNK
-        length = tl.load(chunks_ptr + pid * 3 + 2)
+    tidx, start, length = _table.chunk_bounds(chunks_ptr, pid, total, CHUNK, FLAT)
     rows = tl.arange(0, MP)
     rmask = rows < M
     slot = rows.to(tl.int64) * n + tidx
     entry = tl.load(ptrs_ptr + slot, mask=rmask, other=0)
     dt = tl.load(dts_ptr + slot, mask=rmask, other=-1)
-    p32 = _table.ptr_f32(entry, base32, ALIGNED)
-    p16 = _table.ptr_f16(entry, base16, ALIGNED)
-    pbf = _table.ptr_bf16(entry, basebf, ALIGNED)
+    p32 = _table.typed_ptr(entry, base32, ALIGNED)
+    p16 = _table.typed_ptr(entry, base16, ALIGNED)
+    pbf = _table.typed_ptr(entry, basebf, ALIGNED)
     # per-row masks, constant along a row: full blocks stay vectorizable
     m32 = (rmask & (dt == 0))[:, None]
     m16 = (rmask & (dt == 1))[:, None]
