@@ -17,7 +17,7 @@ import shutil
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CSRC = os.path.join(REPO, "csrc")
 
-CXX_FLAGS = ["-O3", "-fopenmp"]
+CXX_FLAGS = ["-O3", "-fopenmp", "-ffp-contract=off"]
 LD_FLAGS = ["-fopenmp"]
 NVCC_FLAGS = ["-O3", "-lineinfo"]  # no --use_fast_math: accuracy matters
 DEFAULT_ARCH_LIST = "8.0;9.0"
