@@ -245,33 +245,40 @@ with open(os.path.join(out, f"rank{dist.get_rank()}.json"), "w") as f:
 """
 
 
+def _launch(script, tmp_path, nproc, modes=""):
+    """Run a worker script: in one process (nproc 1) or under torch.distributed.run with nproc ranks."""
+    import socket
+    import subprocess
+    import sys
+
+    env = dict(os.environ, ATAX_TEST_DIR=os.path.dirname(__file__), ATAX_OUT=str(tmp_path), OMP_NUM_THREADS="1",
+               ATAX_MODES=modes,
+               PYTHONPATH=os.pathsep.join([os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                                          os.environ.get("PYTHONPATH", "")]))
+    for attempt in range(3):
+        cmd = [sys.executable, str(script)]
+        if nproc > 1:
+            # A free port can be taken between probing it and the launcher binding it: retry on that only.
+            with socket.socket() as sock:
+                sock.bind(("127.0.0.1", 0))
+                port = sock.getsockname()[1]
+            cmd[1:1] = ["-m", "torch.distributed.run", f"--nproc_per_node={nproc}", f"--master_port={port}"]
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+        output = (proc.stdout + proc.stderr).lower()
+        if proc.returncode == 0 or not ("address already in use" in output or "eaddrinuse" in output):
+            break
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+
+
 @pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed is not available")
 def test_ddp_gradient_as_bucket_view(tmp_path):
     """2-process DDP (gloo, CPU) with gradient_as_bucket_view=True: the stash is cloned, the capability backward
     is all-reduced like the safety one, and every rank applies the same projected (orthogonal) gradient."""
     import json
-    import subprocess
-    import sys
-
-    import socket
 
     script = tmp_path / "ddp_worker.py"
     script.write_text(DDP_WORKER)
-    env = dict(os.environ, ATAX_TEST_DIR=os.path.dirname(__file__), ATAX_OUT=str(tmp_path), OMP_NUM_THREADS="1",
-               PYTHONPATH=os.pathsep.join([os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-                                          os.environ.get("PYTHONPATH", "")]))
-    for attempt in range(3):
-        # A free port can be taken between probing it and the launcher binding it: retry on that only.
-        with socket.socket() as sock:
-            sock.bind(("127.0.0.1", 0))
-            port = sock.getsockname()[1]
-        proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
-                               f"--master_port={port}", str(script)], env=env, capture_output=True, text=True,
-                              timeout=300)
-        output = (proc.stdout + proc.stderr).lower()
-        if proc.returncode == 0 or not ("address already in use" in output or "eaddrinuse" in output):
-            break
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    _launch(script, tmp_path, 2)
     res = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
     for r in res:
         assert r["ddp"] == "DistributedDataParallel" and r["bucket_view"]
@@ -329,33 +336,6 @@ for mode in os.environ["ATAX_MODES"].split(","):
     theta = torch.cat([p.detach().reshape(-1).double() for p in model.parameters()])
     torch.save(theta, os.path.join(out, f"{mode}-w{world}-rank{rank}.pt"))
 """
-
-
-def _launch(script, tmp_path, nproc, modes):
-    import socket
-    import subprocess
-    import sys
-
-    env = dict(os.environ, ATAX_TEST_DIR=os.path.dirname(__file__), ATAX_OUT=str(tmp_path), OMP_NUM_THREADS="1",
-               ATAX_MODES=modes,
-               PYTHONPATH=os.pathsep.join([os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-                                          os.environ.get("PYTHONPATH", "")]))
-    if nproc == 1:
-        proc = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=300)
-        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-        return
-    for attempt in range(3):
-        # A free port can be taken between probing it and the launcher binding it: retry on that only.
-        with socket.socket() as sock:
-            sock.bind(("127.0.0.1", 0))
-            port = sock.getsockname()[1]
-        proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
-                               f"--master_port={port}", str(script)], env=env, capture_output=True, text=True,
-                              timeout=300)
-        output = (proc.stdout + proc.stderr).lower()
-        if proc.returncode == 0 or not ("address already in use" in output or "eaddrinuse" in output):
-            break
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
 
 
 @pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed is not available")

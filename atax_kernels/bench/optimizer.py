@@ -138,9 +138,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     overhead = (best["wrapped AdamW step"] - best["plain AdamW step"]) / best["project_ alone"]
     # The wrapper's own cost without the inner step: AdamW's per-parameter temporaries page-fault fresh memory
     # on this VM, so its step time swings by hundreds of ms and a difference of two AdamW timings is noisy.
-    own = {k: sorted(times["wrapped no-op step"])[len(times["wrapped no-op step"]) // 2] / v
-           for k, v in (("median", sorted(times["project_ alone"])[len(times["project_ alone"]) // 2]),)}
-    own["min"] = min(times["wrapped no-op step"]) / min(times["project_ alone"])
+    own = {"median": med["wrapped no-op step"] / med["project_ alone"],
+           "min": best["wrapped no-op step"] / best["project_ alone"]}
 
     mem = {}
     for kind in ("plain", "wrapped"):
