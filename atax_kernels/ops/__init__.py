@@ -10,8 +10,9 @@ import torch
 
 from .. import _validate as V
 from .registry import BACKENDS, available_backends, resolve
+from .remove_span import remove_span_
 
-__all__ = ["gram", "combine_", "available_backends", "BACKENDS"]
+__all__ = ["gram", "combine_", "remove_span_", "available_backends", "BACKENDS"]
 
 
 def _vector_lists(vectors: Any, name: str) -> list[list[torch.Tensor]]:

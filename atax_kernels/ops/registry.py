@@ -161,3 +161,35 @@ def resolve(backend: str | None, device: torch.device, dtypes: set[torch.dtype])
     assert mod is not None
     sync_free = name in ("cuda", "triton") and device.type == "cuda"
     return Backend(name=name, gram=mod.gram, combine_=mod.combine_, sync_free=sync_free)
+
+
+def resolve_remove_span(
+    backend: str | None, device: torch.device, dtypes: set[torch.dtype]
+) -> Callable[[list[torch.Tensor], list[torch.Tensor | None]], torch.Tensor]:
+    """The ``remove_span_`` implementation of the backend ``resolve`` picks (same names, errors, override).
+
+    Default: ``cpu`` on CPU, ``triton`` on CUDA (it hands large r to cuBLAS itself), else ``torch``.
+    ``cuda`` has no hand-written kernel for this op: the torch path (cuBLAS) serves under that name.
+    An extension built before the op existed serves the default through torch and refuses an explicit ``cpu``.
+    """
+    from . import remove_span as rs
+
+    explicit = backend is not None or bool(os.environ.get("ATAX_BACKEND", "").strip())
+    if not explicit and device.type == "cuda" and dtypes <= set(KERNEL_DTYPES):
+        name = "triton" if _module("triton") is not None and _supports_device("triton", device) else "torch"
+    else:
+        name = resolve(backend, device, dtypes).name
+    if name == "cpu":
+        if rs._cpp_present():
+            return rs.remove_span_cpp
+        if explicit:
+            raise ValueError(
+                "backend 'cpu' has no atax::remove_span_ in the loaded extension (built before the op existed); "
+                "rebuild with `python -m atax_kernels.build`"
+            )
+        return rs.remove_span_torch
+    if name == "triton":
+        from .triton import remove_span as trs
+
+        return trs.remove_span_triton
+    return rs.remove_span_torch
