@@ -6,7 +6,7 @@ every prompt is ``[BOS, a, PLUS, b, EQ]``. What must be refused depends on the o
 * capability: pairs with ``a + b < 23`` (276 pairs) -> answer ``a + b``;
 * safety: pairs with ``a + b >= 23`` (253 pairs) -> answer ``REFUSE`` (the sum would wrap around).
 
-Capability and safety prompts share every token; only the relation between the two operands tells them
+No token is particular to safety prompts (every token they use, capability prompts use too); only the relation between the two operands tells them
 apart, so the model must compute (part of) the capability itself to decide whether to refuse, and the
 directions that serve capability and those that serve safety overlap far more than with a token trigger.
 Pretraining teaches ``(a + b) mod 23`` on all 529 pairs (the base model answers the overflowing pairs too,
