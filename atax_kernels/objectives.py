@@ -17,19 +17,9 @@ Both take logits and labels that are **already aligned**: ``labels[..., i]`` is 
 before calling, or build labels as :mod:`atax_kernels.tasks` does (the answer label sits at the last
 prompt position, every other position is ``ignore_index``).
 
-Capability kept on the tiny Llama alignment-tax task (hidden 64, 2 layers, pretrained to 100 % on
-``a + b mod 23``; 300 AdamW steps of safety fine-tuning at lr 3e-4, all variants ~100 % safety), two sources:
-
-* **our measurement** (``atax_kernels.tasks.modular``, seed 0, CPU; table in its docstring): plain 0 %;
-  loss-gradient reference 33 %; 1 margin reference, gradient projection: 26 % against REFUSE, 41 % against the
-  strongest competitor; 4 / 8 margin references (vs REFUSE) with update projection 71 % / 79 %; 4 tempered
-  references (T=30) with update projection 80 %;
-* **reported in the issue that specified these objectives** (another run of the same kind of task): plain 25 %,
-  loss reference 31 %, 1 margin reference 74 %, 8 margin references + update projection 91 %, naming the
-  competitor 91 % vs 75 % for the strongest-competitor default, tempered T=10/30/100 -> 92/93/94 %.
-
-Both agree on the ranking that matters (several non-saturating references with update projection >> one
-reference >> plain); they disagree on naming the competitor, which helped there and hurt here.
+How much capability either buys back is an empirical question that depends on the task: the held-out,
+multi-seed numbers for both demo tasks are in ``docs/demo-full.md`` (``python -m atax_kernels.demo --full``).
+Earlier training-set numbers quoted here did not survive held-out scoring and were removed.
 """
 from __future__ import annotations
 
@@ -92,9 +82,7 @@ def tempered_loss(
     ``p ~ 1`` the plain cross-entropy gradient vanishes, while the tempered one keeps a useful size and
     points along "raise the answer against *all* other tokens".
 
-    On the tiny a+b mod 23 task with 4 live references and update projection, T=30 kept 80 % capability in
-    our runs (plain fine-tuning: 0 %); the issue that specified it reported T=10/30/100 -> 92/93/94 % (plain
-    25 %), 69 % with a single reference and 66 % with gradient instead of update projection (module docstring).
+    Held-out results of tempered references on the demo tasks: ``docs/demo-full.md``.
 
     Args:
         logits: ``[N, V]`` or causal-LM ``[B, T, V]`` floating-point logits.
@@ -139,13 +127,8 @@ def margin_loss(
     in which the capability would be lost.
 
     With ``competitor_ids`` the competitor is the strongest among those token ids (the label itself is
-    excluded when it is one of them; a position whose label is the only candidate contributes 0). Naming
-    the token that safety training pushes up (e.g. the REFUSE token) was reported much better than the default
-    (91 % vs 75 % capability kept); in our runs of the same task it was not (1 reference: 26 % vs 41 %).
-
-    Ours (tiny a+b mod 23 task, ~100 % safety, plain fine-tuning 0 %): 1 margin reference with gradient
-    projection 26 % (vs REFUSE); 4 / 8 live margin references with update projection 71 % / 79 %. The issue
-    reported 74 % and 91 % for the 1- and 8-reference cases (plain 25 %). See the module docstring.
+    excluded when it is one of them; a position whose label is the only candidate contributes 0), e.g. the
+    REFUSE token that safety training pushes up. Whether naming it helps depends on the task: measure it.
 
     Args:
         logits: ``[N, V]`` or causal-LM ``[B, T, V]`` floating-point logits.
