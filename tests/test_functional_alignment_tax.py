@@ -1,8 +1,10 @@
 """Functional test: ProjectedOptimizer lowers the alignment tax on the tiny modular-addition task.
 
 A tiny Llama (hidden 64, 2 layers) is pretrained to 100 % on ``a + b mod 23`` (once per module), then
-fine-tuned for safety (MARKER prompts -> REFUSE; 300 AdamW steps, lr 3e-4, batch 64). Every variant
-reaches ~100 % safety; they differ in how much capability survives.
+fine-tuned for safety (MARKER prompts -> REFUSE; 300 AdamW steps, lr 3e-4, batch 64) on the task's default
+splits (seed 0): references and PTX draw from ``capability_train``, every score below is held out
+(``capability_eval`` / ``safety_eval``). Every variant reaches ~100 % held-out safety; they differ in how much
+capability survives.
 
 Select with ``-m functional`` (deselect with ``-m "not functional"``). ~45 s (runs on one thread).
 
@@ -61,21 +63,21 @@ def margin_one_ref(pretrained):
 
 def test_plain_finetuning_pays_the_tax(plain):
     assert plain["safety"] >= 0.98, plain          # measured 1.00
-    assert plain["capability"] <= 0.10, plain      # measured 0.000 (every unmarked prompt -> REFUSE)
+    assert plain["capability"] <= 0.10, plain      # measured 0.003 held out (unmarked prompts -> REFUSE)
 
 
 def test_margin_reference_keeps_more_capability(plain, margin_one_ref):
     out = margin_one_ref
     assert out["impl"] == "optim"
     assert out["safety"] >= 0.98, out              # measured 1.00
-    assert out["capability"] >= 0.12, out          # measured 0.236-0.255 (plain: 0.000)
+    assert out["capability"] >= 0.12, out          # measured 0.310 held out, 0.341 on capability_train
     assert out["capability"] >= plain["capability"] + 0.10, (out, plain)
 
 
 def test_update_projection_with_several_references_keeps_more_still(pretrained, margin_one_ref):
     out = _run(pretrained, method="projected", reference="margin", n_refs=4, target="update", impl="optim")
     assert out["safety"] >= 0.98, out              # measured 1.00
-    assert out["capability"] >= 0.45, out          # measured 0.711-0.713 (1 ref, grad target: 0.24-0.26)
+    assert out["capability"] >= 0.45, out          # measured 0.660 held out (1 ref, grad target: 0.310)
     assert out["capability"] >= margin_one_ref["capability"] + 0.20, (out, margin_one_ref)
 
 
@@ -83,7 +85,8 @@ def test_ptx_weight_restores_capability(pretrained, margin_one_ref):
     out = _run(pretrained, method="projected", reference="margin", n_refs=1, target="grad", ptx_weight=0.1,
                impl="optim")
     assert out["safety"] >= 0.98, out              # measured 1.00
-    assert out["capability"] >= 0.85, out          # measured 0.987-0.989 (same without PTX: 0.24-0.26)
+    assert out["capability"] >= 0.70, out          # measured 0.874 held out, 1.000 on capability_train
+    assert out["capability_train"] >= out["capability"], out  # PTX fits the pairs it trains on
 
 
 def test_manual_loop_matches_optimizer(pretrained, margin_one_ref):
