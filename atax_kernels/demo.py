@@ -1,20 +1,26 @@
-"""End-to-end alignment-tax demo on a tiny language model: ``python -m atax_kernels.demo``.
+"""End-to-end alignment-tax demo on two tiny tasks, scored on held-out data: ``python -m atax_kernels.demo``.
 
-The task (``atax_kernels.tasks.modular``): a tiny random-init Llama is pretrained to ~100 % on ``a + b mod 23``
-(the capability), then safety-tuned to answer a REFUSE token whenever a MARKER token leads the prompt. Every
-mitigation is run at several learning rates, so each draws a frontier of (safety, capability kept):
+Each task (``atax_kernels.tasks``) pretrains a tiny random-init Llama to ~100 % on a capability, then
+safety-tunes it. ``modular``: refuse prompts led by a MARKER token (a token trigger). ``overflow``: refuse the
+sums that wrap around mod 23 (a semantic trigger: both sides share every token). Every method trains only on
+the tasks' ``*_train`` splits (PTX batches, KL prompts, reference gradients and activation bases draw from
+``capability_train``); every score is on the held-out ``*_eval`` splits, with the train-split score beside it.
 
-* ``plain``: AdamW on the safety loss;
-* ``ptx λ``: the safety loss plus λ x the capability loss (pre-training mix);
-* ``kl β``: the safety loss plus β x KL(policy || base) on the training prompts;
-* ``interp α``: weight interpolation of the plain run towards the base, θ_base + α (θ − θ_base);
-* ``seed recipe``: ``ProjectedOptimizer`` against the capability *loss* gradient (the seed's method);
-* ``recommended``: tempered-CE references (T = 30), 4 live references, update projection;
-* ``conflict``: the same references, conflict (PCGrad-style cone) projection;
-* ``proj + ptx``: gradient projection plus PTX 0.1.
+Methods, each at several learning rates (``extra fwd/bwd`` = extra forward/backward passes per step in units
+of one training batch, the matched-compute axis):
 
-Prints a table (capability kept, safety, over-refusal, tax with a bootstrap CI, ECE, entropy, extra backward
-passes per step, wall time), writes ``--json`` rows and a Pareto PNG. Seeded and deterministic.
+* ``plain``: AdamW on the safety loss (0 / 0);
+* ``ptx λ``: plus λ x the capability loss on a capability_train batch (1 / 1);
+* ``kl 0.5``: plus 0.5 x KL(policy || base) on the safety prompts (1 / 0);
+* ``interp α``: weight interpolation of the plain run towards the base (0 / 0);
+* ``grad: loss ref``: ``ProjectedOptimizer`` against one capability-loss gradient (1 / 1);
+* ``grad: 4 tempered (update)``: 4 tempered-CE references (T = 30), update projection (4 / 4);
+* ``act e<E> c<β>``: :class:`~atax_kernels.ActivationSubspace` bases of capability_train's layer inputs
+  (energy E, contrast β), every Linear's AdamW update projected off them, refreshed every 10 steps (one
+  no-grad forward of capability_train: ~0.2 / 0); ``+ ptx 1.0`` adds the PTX term (1.2 / 1).
+
+``--full`` adds ``grad: conflict`` and ``grad: tempered + ptx 0.1`` and runs 3 seeds (split seed and
+fine-tuning seed), reporting mean ± std. Seeded and deterministic (rows do not depend on ``--jobs``).
 """
 from __future__ import annotations
 
@@ -23,111 +29,78 @@ import copy
 import hashlib
 import json
 import os
+import statistics
 import sys
 import time
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
-import torch.nn.functional as F
 
+from . import tasks as _tasks
 from .interpolate import interpolate_
-from .pareto import plot_pareto
-from .tasks import modular as M
+from .tasks._common import REFUSE, flush_denormal, make_model
 from .tax import expected_calibration_error, mean_entropy, measure_alignment_tax
+
+DEFAULT_LRS = (1e-4, 3e-4, 1e-3)
+QUICK_LRS = (3e-4, 1e-3)
+INTERP_ALPHAS = (0.25, 0.5, 0.75)
 
 
 @dataclass
 class Method:
-    """One mitigation: how to fine-tune (kwargs for ``finetune_safety`` or a custom loop)."""
+    """One mitigation: keyword arguments for ``ArithmeticTask.finetune_safety`` (or an interpolation)."""
 
     name: str
-    kind: str  # "finetune", "ptx", "kl", "interp"
     kwargs: dict[str, Any] = field(default_factory=dict)
-    extra_backwards: int = 0
+    family: str = ""
+    dial: float | None = None  # the value of the knob that trades safety for capability within a family
 
 
-def methods(quick: bool) -> list[Method]:
-    rec = dict(method="projected", reference="tempered", temperature=30.0, n_refs=4, target="update")
+def methods(quick: bool = False, full: bool = False) -> list[Method]:
+    """The demo's methods: ``quick`` is the CI size, ``full`` adds the slower gradient variants."""
+    tempered = dict(method="projected", reference="tempered", temperature=30.0, n_refs=4)
     out = [
-        Method("plain", "finetune", dict(method="plain")),
-        Method("ptx 0.1", "ptx", dict(weight=0.1), 1),
-        Method("ptx 1.0", "ptx", dict(weight=1.0), 1),
-        Method("kl 0.5", "kl", dict(beta=0.5), 0),
-        Method("interp", "interp", dict(alphas=(0.25, 0.5, 0.75))),
-        Method("seed recipe (loss ref)", "finetune", dict(method="projected", reference="loss", n_refs=1), 1),
-        Method("recommended", "finetune", rec, 4),
-        Method("conflict", "finetune", dict(rec, mode="conflict"), 4),
-        Method("proj + ptx 0.1", "finetune",
-               dict(method="projected", reference="tempered", temperature=30.0, n_refs=4, target="grad",
-                    ptx_weight=0.1), 4),
+        Method("plain", dict(method="plain"), "ptx", 0.0),
+        Method("ptx 0.1", dict(method="ptx", ptx_weight=0.1), "ptx", 0.1),
+        Method("ptx 1.0", dict(method="ptx", ptx_weight=1.0), "ptx", 1.0),
+        Method("kl 0.5", dict(method="kl", kl_weight=0.5), "kl", 0.5),
+        Method("interp", {}, "interp"),
+        Method("grad: loss ref", dict(method="projected", reference="loss", n_refs=1), "grad"),
+        Method("grad: 4 tempered (update)", dict(tempered, target="update"), "grad"),
     ]
+    if full:
+        out += [
+            Method("grad: conflict", dict(tempered, target="update", mode="conflict"), "grad"),
+            Method("grad: tempered + ptx 0.1", dict(tempered, target="grad", ptx_weight=0.1), "grad"),
+        ]
+    for ptx in (0.0, 1.0):
+        for contrast in (0.0, 1.0):
+            for energy in (0.9, 0.99):
+                name = f"act e{energy:g} c{contrast:g}" + (" + ptx 1.0" if ptx else "")
+                out.append(Method(name, dict(method="activation", energy=energy, contrast=contrast, ptx_weight=ptx),
+                                  f"act c{contrast:g}" + (" + ptx" if ptx else ""), energy))
     if quick:
-        keep = {"plain", "ptx 0.1", "interp", "seed recipe (loss ref)", "recommended"}
+        keep = {"plain", "ptx 1.0", "interp", "grad: loss ref", "act e0.99 c0", "act e0.9 c1 + ptx 1.0"}
         out = [m for m in out if m.name in keep]
     return out
 
 
 # --- evaluation -----------------------------------------------------------------------------------
 
-@torch.no_grad()
-def _answer_logits(model: torch.nn.Module, marked: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    was = model.training
-    model.eval()
-    try:
-        ids, labels = M.prompts(M.all_pairs(), marked=marked)
-        return model(input_ids=ids).logits[:, -1].float(), labels[:, -1]
-    finally:
-        model.train(was)
+def evaluate_row(task, model: torch.nn.Module, splits, base_scores: torch.Tensor) -> dict[str, Any]:
+    """Held-out scores (and train-split scores) of one model, plus tax CI, ECE and entropy on capability_eval."""
+    scores = task.evaluate(model, splits)
+    cap_logits, cap_labels = task.answer_logits(model, splits.capability_eval, safety=False)
+    per_example = (cap_logits.argmax(-1) == cap_labels).double()
+    report = measure_alignment_tax("base", "model", lambda m: base_scores if m == "base" else per_example,
+                                   n_bootstrap=500)
+    return dict(scores, tax=report.tax, tax_ci=[report.ci_low, report.ci_high],
+                ece=expected_calibration_error(cap_logits, cap_labels, from_logits=True),
+                entropy=mean_entropy(cap_logits))
 
 
-def per_example_capability(model: torch.nn.Module) -> torch.Tensor:
-    logits, labels = _answer_logits(model, marked=False)
-    return (logits.argmax(-1) == labels).double()
-
-
-def evaluate_row(model: torch.nn.Module, base: torch.nn.Module, base_scores: torch.Tensor) -> dict[str, Any]:
-    cap_logits, cap_labels = _answer_logits(model, marked=False)
-    saf_logits, _ = _answer_logits(model, marked=True)
-    scores = (cap_logits.argmax(-1) == cap_labels).double()
-    report = measure_alignment_tax(base, model, lambda m: base_scores if m is base else scores, n_bootstrap=500)
-    return {
-        "capability": float(scores.mean()),
-        "safety": float((saf_logits.argmax(-1) == M.REFUSE).double().mean()),
-        "over_refusal": float((cap_logits.argmax(-1) == M.REFUSE).double().mean()),
-        "tax": report.tax, "tax_ci": [report.ci_low, report.ci_high],
-        "ece": expected_calibration_error(cap_logits, cap_labels, from_logits=True),
-        "entropy": mean_entropy(cap_logits),
-    }
-
-
-# --- training loops not covered by finetune_safety -------------------------------------------------
-
-def _mixed_loss_loop(model, base, *, steps, lr, seed, ptx=0.0, kl=0.0, batch_size=64) -> None:
-    """AdamW on safety CE + ptx x capability CE + kl x KL(policy || base) on the safety prompts."""
-    gen = torch.Generator().manual_seed(seed)
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
-    model.train()
-    for _ in range(steps):
-        ids, labels = M.safety_batch(batch_size, generator=gen)
-        logits = model(input_ids=ids).logits
-        loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=M.IGNORE)
-        if ptx:
-            cids, clabels = M.capability_batch(batch_size, generator=gen)
-            clog = model(input_ids=cids).logits
-            loss = loss + ptx * F.cross_entropy(clog.reshape(-1, clog.shape[-1]), clabels.reshape(-1),
-                                                ignore_index=M.IGNORE)
-        if kl:
-            with torch.no_grad():
-                ref = base(input_ids=ids).logits
-            logp = F.log_softmax(logits, -1)
-            loss = loss + kl * (logp.exp() * (logp - F.log_softmax(ref, -1))).sum(-1).mean()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-
-
-# --- the run ---------------------------------------------------------------------------------------
+# --- the base models --------------------------------------------------------------------------------
 
 def _cache_dir() -> str:
     root = os.environ.get("ATAX_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "atax_kernels")
@@ -135,127 +108,155 @@ def _cache_dir() -> str:
     return root
 
 
-def base_model(seed: int, pretrain_steps: int, log=print) -> torch.nn.Module:
-    """The pretrained base, cached on disk so a second run starts at once."""
+def base_model(task_name: str, seed: int = 0, pretrain_steps: int = 300, log: Callable[..., None] = print
+               ) -> torch.nn.Module:
+    """The pretrained base of a task, cached on disk so a second run starts at once."""
     import transformers
 
-    key = hashlib.sha1(f"{seed}-{pretrain_steps}-{transformers.__version__}-{torch.__version__}".encode()).hexdigest()[:12]
-    path = os.path.join(_cache_dir(), f"demo_base_{key}.pt")
-    model = M.make_model(seed=seed)
+    task = _tasks.get(task_name)
+    key = hashlib.sha1(f"{task_name}-{seed}-{pretrain_steps}-{transformers.__version__}-{torch.__version__}"
+                       .encode()).hexdigest()[:12]
+    path = os.path.join(_cache_dir(), f"demo_base_{task_name}_{key}.pt")
+    model = make_model(seed=seed)
     if os.path.exists(path):
         model.load_state_dict(torch.load(path, map_location="cpu"))
-        log(f"base model: loaded from {path}")
+        log(f"{task_name}: base model loaded from {path}")
     else:
         t0 = time.perf_counter()
-        info = M.pretrain(model, steps=pretrain_steps, seed=seed)
+        info = task.pretrain(model, steps=pretrain_steps, seed=seed)
         torch.save(model.state_dict(), path)
-        log(f"base model: pretrained in {time.perf_counter() - t0:.1f} s "
+        log(f"{task_name}: base model pretrained in {time.perf_counter() - t0:.1f} s "
             f"(capability {info['capability']:.3f}), cached at {path}")
     model.eval()
     return model
 
 
-def run(quick: bool = False, seed: int = 0, steps: int | None = None, lrs: Sequence[float] | None = None,
-        progress: bool = True, log=print, jobs: int | None = None) -> list[dict[str, Any]]:
-    """Run every method at every learning rate; returns the table rows (see the module docstring).
+# Per-process state of a worker: the frozen base model of each task.
+_worker: dict[str, Any] = {}
+
+
+def _init_worker(base_states: dict[str, dict[str, torch.Tensor]]) -> None:
+    torch.set_num_threads(1)
+    _worker.clear()
+    for name, state in base_states.items():
+        base = make_model(seed=0)
+        base.load_state_dict(state)
+        base.eval()
+        for p in base.parameters():
+            p.requires_grad_(False)
+        _worker[name] = base
+
+
+def _base_scores(task, base, splits) -> torch.Tensor:
+    logits, labels = task.answer_logits(base, splits.capability_eval, safety=False)
+    return (logits.argmax(-1) == labels).double()
+
+
+def _train_one(task_name: str, m: Method, lr: float, steps: int, seed: int
+               ) -> tuple[dict[str, Any], dict[str, torch.Tensor] | None]:
+    """One (task, method, lr, seed) run in this process; returns its row and, for plain runs, the trained
+    weights (the source of the interpolation rows)."""
+    task, base = _tasks.get(task_name), _worker[task_name]
+    splits = task.splits(seed)
+    torch.manual_seed(seed)  # each run on its own: rows do not depend on which runs came before
+    model = copy.deepcopy(base)
+    for p in model.parameters():
+        p.requires_grad_(True)
+    kwargs = dict(m.kwargs)
+    if kwargs.get("method") == "kl":
+        kwargs["base"] = base
+    with flush_denormal():
+        out = task.finetune_safety(model, splits=splits, steps=steps, lr=lr, seed=seed, **kwargs)
+        row = dict(task=task_name, method=m.name, family=m.family, dial=m.dial, lr=lr, seed=seed, steps=steps,
+                   extra_forward=round(out["extra_forward"], 3), extra_backward=out["extra_backward"],
+                   seconds=out["seconds"], removed_fraction=out["removed_fraction"],
+                   **evaluate_row(task, model, splits, _base_scores(task, base, splits)))
+    return row, (model.state_dict() if m.name == "plain" else None)
+
+
+# --- the run ---------------------------------------------------------------------------------------
+
+def run(quick: bool = False, full: bool = False, seeds: Sequence[int] | None = None, steps: int | None = None,
+        lrs: Sequence[float] | None = None, task_names: Sequence[str] | None = None, progress: bool = True,
+        log: Callable[..., None] = print, jobs: int | None = None) -> list[dict[str, Any]]:
+    """Run every method at every learning rate and seed on every task; returns the table rows.
 
     ``jobs`` worker processes train independent runs side by side (default: up to 2, one per core). Each run
     is seeded on its own and trains on one thread, so the rows do not depend on ``jobs`` or on the order in
-    which the runs finish."""
+    which the runs finish. ``seeds`` default: ``(0, 1, 2)`` with ``full``, else ``(0,)``."""
     if jobs is None:
         jobs = max(1, min(2, os.cpu_count() or 1))
-    if jobs < 1:
-        raise ValueError(f"jobs must be >= 1, got {jobs}")
+    if isinstance(jobs, bool) or not isinstance(jobs, int) or jobs < 1:
+        raise ValueError(f"jobs must be >= 1, got {jobs!r}")
+    task_names = list(task_names or _tasks.TASKS)
+    for name in task_names:
+        _tasks.get(name)  # a clear error for an unknown task before anything runs
+    seeds = list(seeds if seeds is not None else ((0, 1, 2) if full else (0,)))
+    if not seeds:
+        raise ValueError("seeds must not be empty")
     # One thread: the model is tiny (2-thread matmuls only add overhead) and results do not depend on
     # how many cores the machine has.
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        return _run(quick, seed, steps, lrs, progress, log, jobs)
+        return _run(quick, full, seeds, steps, lrs, task_names, progress, log, jobs)
     finally:
         torch.set_num_threads(threads)
 
 
-# Per-process state of a worker: the frozen base model and its per-example capability scores.
-_worker: dict[str, Any] = {}
-
-
-def _init_worker(base_state: dict[str, torch.Tensor], seed: int) -> None:
-    torch.set_num_threads(1)
-    base = M.make_model(seed=seed)
-    base.load_state_dict(base_state)
-    base.eval()
-    for p in base.parameters():
-        p.requires_grad_(False)
-    _worker.update(base=base, base_scores=per_example_capability(base))
-
-
-def _train_one(m: Method, lr: float, steps: int, seed: int) -> tuple[dict[str, Any], dict[str, torch.Tensor] | None]:
-    """One (method, lr) run in this process; returns its row and, for plain runs, the trained weights
-    (the source of the interpolation rows)."""
-    base, base_scores = _worker["base"], _worker["base_scores"]
-    torch.manual_seed(seed)  # each run on its own: rows do not depend on which runs came before
-    t0 = time.perf_counter()
-    model = copy.deepcopy(base)
-    for p in model.parameters():
-        p.requires_grad_(True)
-    with M._flush_denormal():
-        if m.kind == "finetune":
-            M.finetune_safety(model, steps=steps, lr=lr, seed=seed, **m.kwargs)
-        else:
-            _mixed_loss_loop(model, base, steps=steps, lr=lr, seed=seed,
-                             ptx=m.kwargs.get("weight", 0.0), kl=m.kwargs.get("beta", 0.0))
-        seconds = time.perf_counter() - t0
-        row = dict(method=m.name, lr=lr, steps=steps, extra_backwards=m.extra_backwards, seconds=seconds,
-                   **evaluate_row(model, base, base_scores))
-    return row, (model.state_dict() if m.name == "plain" else None)
-
-
-def _run(quick, seed, steps, lrs, progress, log, jobs) -> list[dict[str, Any]]:
-    torch.manual_seed(seed)
+def _run(quick, full, seeds, steps, lrs, task_names, progress, log, jobs) -> list[dict[str, Any]]:
     steps = steps or (120 if quick else 300)
-    lrs = list(lrs or ((3e-4, 1e-3) if quick else (1e-4, 3e-4, 1e-3)))
-    base = base_model(seed, pretrain_steps=300, log=log)
-    base_state = {k: v.detach().clone() for k, v in base.state_dict().items()}
-    _init_worker(base_state, seed)
-    base, base_scores = _worker["base"], _worker["base_scores"]
-    log(f"base capability {float(base_scores.mean()):.3f}; fine-tuning {steps} steps at lr {lrs}"
+    lrs = list(lrs or (QUICK_LRS if quick else DEFAULT_LRS))
+    base_states = {}
+    for name in task_names:
+        base = base_model(name, log=log)
+        base_states[name] = {k: v.detach().clone() for k, v in base.state_dict().items()}
+    _init_worker(base_states)
+    ms = methods(quick=quick, full=full)
+    log(f"fine-tuning {steps} steps at lr {lrs}, seeds {seeds}, tasks {task_names}"
         + (f" ({jobs} worker processes)" if jobs > 1 else ""))
-    plan = [(m, lr) for m in methods(quick) for lr in lrs]
-    trained = [(i, m, lr) for i, (m, lr) in enumerate(plan) if m.kind != "interp"]
+    plan = [(t, m, lr, s) for t in task_names for m in ms for lr in lrs for s in seeds]
+    trained = [(i, *p) for i, p in enumerate(plan) if p[1].name != "interp"]
+    n_rows = sum(len(INTERP_ALPHAS) if p[1].name == "interp" else 1 for p in plan)
     results: dict[int, tuple[dict[str, Any], dict[str, torch.Tensor] | None]] = {}
-    bar = _progress(len(plan), progress)
+    bar = _progress(n_rows, progress)
     if jobs == 1:
-        for i, m, lr in trained:
-            results[i] = _train_one(m, lr, steps, seed)
+        for i, t, m, lr, s in trained:
+            results[i] = _train_one(t, m, lr, steps, s)
             bar.update(1)
     else:
         import concurrent.futures as cf
         import multiprocessing as mp
 
         # longest runs first (extra backward passes dominate), so the workers finish together
-        order = sorted(trained, key=lambda t: -t[1].extra_backwards)
+        order = sorted(trained, key=lambda x: -(x[2].kwargs.get("n_refs", 0) + bool(x[2].kwargs.get("ptx_weight"))))
         with cf.ProcessPoolExecutor(jobs, mp_context=mp.get_context("spawn"), initializer=_init_worker,
-                                    initargs=(base_state, seed)) as pool:
-            futures = {pool.submit(_train_one, m, lr, steps, seed): i for i, m, lr in order}
+                                    initargs=(base_states,)) as pool:
+            futures = {pool.submit(_train_one, t, m, lr, steps, s): i for i, t, m, lr, s in order}
             for fut in cf.as_completed(futures):
                 results[futures[fut]] = fut.result()
                 bar.update(1)
-    plain_states = {plan[i][1]: state for i, (_, state) in results.items() if state is not None}
+    plain_states = {(plan[i][0], plan[i][2], plan[i][3]): state for i, (_, state) in results.items()
+                    if state is not None}
     rows: list[dict[str, Any]] = []
-    with M._flush_denormal():
-        for i, (m, lr) in enumerate(plan):
-            if m.kind != "interp":
+    with flush_denormal():
+        for i, (t, m, lr, s) in enumerate(plan):
+            if m.name != "interp":
                 rows.append(results[i][0])
                 continue
-            for alpha in m.kwargs["alphas"]:
+            task, base = _tasks.get(t), _worker[t]
+            splits = task.splits(s)
+            base_scores = _base_scores(task, base, splits)
+            for alpha in INTERP_ALPHAS:
                 t1 = time.perf_counter()
                 mixed = copy.deepcopy(base)
-                mixed.load_state_dict(plain_states[lr])
-                interpolate_(mixed, base_state, alpha)
-                rows.append(dict(method=f"interp {alpha}", lr=lr, steps=steps, extra_backwards=0,
-                                 seconds=time.perf_counter() - t1, **evaluate_row(mixed, base, base_scores)))
-            bar.update(1)
+                mixed.load_state_dict(plain_states[(t, lr, s)])
+                interpolate_(mixed, base_states[t], alpha)
+                rows.append(dict(task=t, method=f"interp {alpha}", family="interp", dial=alpha, lr=lr, seed=s,
+                                 steps=steps, extra_forward=0.0, extra_backward=0.0,
+                                 seconds=time.perf_counter() - t1, removed_fraction=None,
+                                 **evaluate_row(task, mixed, splits, base_scores)))
+                bar.update(1)
     bar.close()
     return rows
 
@@ -264,8 +265,8 @@ def _progress(total: int, enabled: bool):
     try:
         from tqdm import tqdm
 
-        return tqdm(total=total, desc="demo", file=sys.stderr, disable=not enabled)
-    except ImportError:  # pragma: no cover - tqdm is a test/bench dependency
+        return tqdm(total=total, desc="demo rows", file=sys.stderr, disable=not enabled)
+    except ImportError:  # pragma: no cover - tqdm is a dependency
         class _Null:
             def update(self, n):
                 pass
@@ -276,67 +277,224 @@ def _progress(total: int, enabled: bool):
         return _Null()
 
 
-def format_table(rows: list[dict[str, Any]]) -> str:
-    head = ["method", "lr", "capability", "safety", "over-refusal", "tax [95% CI]", "ECE", "entropy",
-            "extra bwd/step", "wall s"]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+# --- reporting -------------------------------------------------------------------------------------
+
+def aggregate(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Mean and (sample) std over seeds for each (task, method, lr); one output row per group, in order."""
+    groups: dict[tuple, list[dict[str, Any]]] = {}
     for r in rows:
-        lines.append("| " + " | ".join([
-            r["method"], f"{r['lr']:g}", f"{r['capability']:.3f}", f"{r['safety']:.3f}", f"{r['over_refusal']:.3f}",
-            f"{r['tax']:+.3f} [{r['tax_ci'][0]:+.3f}, {r['tax_ci'][1]:+.3f}]", f"{r['ece']:.3f}",
-            f"{r['entropy']:.3f}", str(r["extra_backwards"]), f"{r['seconds']:.1f}"]) + " |")
-    return "\n".join(lines)
+        groups.setdefault((r["task"], r["method"], r["lr"]), []).append(r)
+    out = []
+    for (task, method, lr), rs in groups.items():
+        agg: dict[str, Any] = dict(task=task, method=method, lr=lr, family=rs[0]["family"], dial=rs[0]["dial"],
+                                   n_seeds=len(rs), extra_forward=rs[0]["extra_forward"],
+                                   extra_backward=rs[0]["extra_backward"])
+        for key in ("capability", "capability_train", "safety", "safety_train", "over_refusal", "tax", "ece",
+                    "entropy", "seconds"):
+            vals = [float(r[key]) for r in rs]
+            agg[key] = statistics.fmean(vals)
+            agg[key + "_std"] = statistics.stdev(vals) if len(vals) > 1 else 0.0
+        out.append(agg)
+    return out
 
 
-def pareto_plot(rows: list[dict[str, Any]], path: str) -> None:
-    """Safety (x) vs capability kept (y), one series per method (interpolation points form one series)."""
-    series_rows = [dict(r, series=f"interp of plain @ lr {r['lr']:g}" if r["method"].startswith("interp")
-                        else r["method"]) for r in rows]
-    plot_pareto(series_rows, path, series_key="series",
-                title="Alignment tax on a tiny Llama: safety vs capability kept (a+b mod 23)")
+def _pm(r: dict[str, Any], key: str) -> str:
+    return f"{r[key]:.2f} ± {r[key + '_std']:.2f}" if r["n_seeds"] > 1 else f"{r[key]:.3f}"
+
+
+def format_table(rows: list[dict[str, Any]]) -> str:
+    """One markdown table per task: held-out scores with train-split scores beside them (mean ± std over
+    seeds when there are several), compute per step and wall time."""
+    agg = aggregate(rows)
+    head = ["method", "lr", "capability (eval)", "capability (train)", "safety (eval)", "safety (train)",
+            "over-refusal", "ECE", "entropy", "extra fwd/step", "extra bwd/step", "wall s"]
+    out = []
+    for task in dict.fromkeys(r["task"] for r in agg):
+        out += [f"### task `{task}`", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+        for r in agg:
+            if r["task"] != task:
+                continue
+            out.append("| " + " | ".join([
+                r["method"], f"{r['lr']:g}", _pm(r, "capability"), _pm(r, "capability_train"), _pm(r, "safety"),
+                _pm(r, "safety_train"), f"{r['over_refusal']:.3f}", f"{r['ece']:.3f}", f"{r['entropy']:.3f}",
+                f"{r['extra_forward']:g}", f"{r['extra_backward']:g}", f"{r['seconds']:.1f}"]) + " |")
+        out.append("")
+    return "\n".join(out)
+
+
+def format_summary(rows: list[dict[str, Any]]) -> str:
+    """Compact per-task matrix: held-out capability (safety) per method and learning rate."""
+    agg = aggregate(rows)
+    out = []
+    for task in dict.fromkeys(r["task"] for r in agg):
+        lrs = sorted({r["lr"] for r in agg if r["task"] == task})
+        out += [f"**{task}** — held-out capability kept (held-out safety); mean ± std over seeds where > 1", "",
+                "| method | extra fwd/bwd | " + " | ".join(f"lr {lr:g}" for lr in lrs) + " |",
+                "|---|---|" + "---|" * len(lrs)]
+        for method in dict.fromkeys(r["method"] for r in agg if r["task"] == task):
+            cells, cost = [], ""
+            for lr in lrs:
+                r = next((x for x in agg if x["task"] == task and x["method"] == method and x["lr"] == lr), None)
+                if r is None:
+                    cells.append("")
+                    continue
+                cost = f"{r['extra_forward']:g} / {r['extra_backward']:g}"
+                cell = _pm(r, "capability") + f" ({r['safety']:.2f})"
+                cells.append(cell)
+            out.append(f"| {method} | {cost} | " + " | ".join(cells) + " |")
+        out.append("")
+    return "\n".join(out)
+
+
+LEGEND = """Columns: **capability (eval)** — fraction of the held-out capability prompts (`capability_eval`, never
+trained on) answered correctly; **(train)** — the same on `capability_train`, the pairs PTX, KL, references and
+activation bases draw from (a gap between the two is fitting); **safety (eval)** — fraction of the held-out
+safety prompts refused; **over-refusal** — held-out capability prompts answered REFUSE; **ECE** — expected
+calibration error of the answer distribution on capability_eval; **entropy** — its mean entropy (nats);
+**extra fwd/bwd per step** — forward/backward passes beyond the safety batch's own, in units of one
+batch (compare methods at matched cost: PTX pays 1 / 1); **wall s** — wall time of the run on one thread.
+Methods: `plain` AdamW on the safety loss; `ptx λ` plus λ x capability loss; `kl β` plus β x KL to the base;
+`interp α` the plain run's weights pulled towards the base; `grad: …` gradient-space projection with
+`ProjectedOptimizer` (reference kind, count, target); `act eE cβ` activation-space projection with
+`ActivationSubspace(energy=E, contrast=β)`, refreshed every 10 steps."""
+
+
+_MARKERS = "osD^vP*X<>hpd8H"
+
+
+def plot(rows: list[dict[str, Any]], path: str) -> None:
+    """Per task: held-out capability vs learning rate and held-out safety vs learning rate (a line per method,
+    error bars over seeds, distinct colour and marker), and a safety-vs-capability panel at the middle learning
+    rate for the families with a dial (interpolation α, PTX weight, activation energy), labelled by the dial."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    agg = aggregate(rows)
+    task_names = list(dict.fromkeys(r["task"] for r in agg))
+    fig, axes = plt.subplots(len(task_names), 3, figsize=(19, 5.6 * len(task_names)), squeeze=False)
+    cmap = plt.get_cmap("tab10")
+    method_names = list(dict.fromkeys(r["method"] for r in agg if not r["method"].startswith("interp ")
+                                      or r["method"] == "interp 0.5"))
+    # ten distinct colours, then the same colours dashed: no two methods share colour, marker and line style
+    style = {m: (cmap(i % 10), _MARKERS[i % len(_MARKERS)], "-" if i < 10 else "--")
+             for i, m in enumerate(method_names)}
+    for ti, task in enumerate(task_names):
+        ax_cap, ax_saf, ax_trade = axes[ti]
+        for method in method_names:
+            pts = sorted((r["lr"], r) for r in agg if r["task"] == task and r["method"] == method)
+            if not pts:
+                continue
+            colour, marker, line = style[method]
+            xs = [lr for lr, _ in pts]
+            for ax, key in ((ax_cap, "capability"), (ax_saf, "safety")):
+                ax.errorbar(xs, [r[key] for _, r in pts], yerr=[r[key + "_std"] for _, r in pts], color=colour,
+                            marker=marker, linestyle=line, capsize=3, label=method, linewidth=1.4,
+                            markersize=6)
+        for ax, what in ((ax_cap, "capability kept"), (ax_saf, "safety (refusal rate)")):
+            ax.set_xscale("log")
+            ax.set_xlabel("learning rate")
+            ax.set_ylabel(f"held-out {what}")
+            ax.set_ylim(-0.03, 1.03)
+            ax.grid(alpha=0.3)
+            ax.set_title(f"{task}: held-out {what} vs learning rate")
+        ax_cap.legend(fontsize=7, ncol=2, loc="best")
+        lrs = sorted({r["lr"] for r in agg if r["task"] == task})
+        mid = lrs[len(lrs) // 2]
+        families: dict[str, list[dict[str, Any]]] = {}
+        for r in agg:
+            if r["task"] == task and r["lr"] == mid and r["dial"] is not None and r["family"] not in ("kl",):
+                families.setdefault(r["family"], []).append(r)
+        base_cap = 1.0
+        for fi, (fam, rs) in enumerate(families.items()):
+            rs = sorted(rs, key=lambda r: r["dial"])
+            if fam == "interp":
+                plain = next((r for r in agg if r["task"] == task and r["lr"] == mid and r["method"] == "plain"), None)
+                rs = rs + ([plain] if plain else [])
+            colour = plt.get_cmap("tab10")(fi % 10)
+            xs, ys = [r["safety"] for r in rs], [r["capability"] for r in rs]
+            ax_trade.errorbar(xs, ys, xerr=[r["safety_std"] for r in rs], yerr=[r["capability_std"] for r in rs],
+                              color=colour, marker=_MARKERS[fi], capsize=3, label=fam)
+            for r, x, y in zip(rs, xs, ys):
+                dial = 1.0 if (fam == "interp" and r["method"] == "plain") else r["dial"]
+                name = {"interp": "α", "ptx": "λ"}.get(fam, "E")
+                ax_trade.annotate(f"{name}={dial:g}", (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7,
+                                  color=colour)
+        ax_trade.scatter([0.0], [base_cap], marker="*", s=160, color="black", label="base model (α=0)", zorder=5)
+        ax_trade.set_xlabel("held-out safety")
+        ax_trade.set_ylabel("held-out capability kept")
+        ax_trade.set_xlim(-0.05, 1.08)
+        ax_trade.set_ylim(-0.05, 1.08)
+        ax_trade.grid(alpha=0.3)
+        ax_trade.legend(fontsize=7, loc="lower left")
+        ax_trade.set_title(f"{task}: what each dial trades (lr {mid:g})")
+    seeds = sorted({r["seed"] for r in rows})
+    fig.suptitle(f"Alignment tax on two tiny tasks, held-out scores ({len(seeds)} seed(s); error bars: std over seeds)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def markdown_report(rows: list[dict[str, Any]], argv: Sequence[str], wall_s: float) -> str:
+    from .bench.core import environment
+
+    env = environment("cpu", [])
+    seeds = sorted({r["seed"] for r in rows})
+    head = [
+        "# atax_kernels demo: the alignment tax of a tiny Llama on two tasks, held-out scores",
+        "",
+        f"- machine: {env['machine']}; date: {env['date_utc']}; git commit: {env['git_commit']}",
+        f"- versions: python {env['python']}, torch {env['torch']}, atax_kernels {env['atax_kernels']}",
+        f"- command: `python -m atax_kernels.demo {' '.join(argv)}`",
+        f"- {len(rows)} rows, seeds {seeds}, in {wall_s:.0f} s; steps {rows[0]['steps'] if rows else '-'}",
+        "",
+        "## Summary",
+        "",
+        format_summary(rows),
+        "## Every row",
+        "",
+        format_table(rows),
+        LEGEND,
+        "",
+    ]
+    return "\n".join(head)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
     ap = argparse.ArgumentParser(prog="python -m atax_kernels.demo", description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="CI size: fewer methods, steps and learning rates")
-    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--full", action="store_true", help="the seeds study: 3 seeds, every method (≤ 25 min on 2 cores)")
+    ap.add_argument("--seeds", type=int, nargs="+", default=None, help="split + fine-tuning seeds (default 0; --full: 0 1 2)")
+    ap.add_argument("--task", choices=_tasks.TASKS, action="append", default=None, help="only these tasks (repeatable)")
     ap.add_argument("--steps", type=int, default=None)
     ap.add_argument("--json", default=None, help="write the rows as JSON")
-    ap.add_argument("--markdown", default=None, help="write the table as markdown")
-    ap.add_argument("--plot", default=None, help="write the Pareto PNG")
+    ap.add_argument("--markdown", default=None, help="write the report as markdown")
+    ap.add_argument("--plot", default=None, help="write the PNG")
     ap.add_argument("--jobs", type=int, default=None,
                     help="worker processes training runs side by side (default: up to 2); rows do not depend on it")
     ap.add_argument("--no-progress", action="store_true")
     args = ap.parse_args(argv)
+    if args.quick and args.full:
+        ap.error("--quick and --full exclude each other")
     t0 = time.perf_counter()
-    rows = run(quick=args.quick, seed=args.seed, steps=args.steps, progress=not args.no_progress, jobs=args.jobs)
-    table = format_table(rows)
-    print(table)
-    print(f"\n{len(rows)} runs in {time.perf_counter() - t0:.1f} s")
+    rows = run(quick=args.quick, full=args.full, seeds=args.seeds, steps=args.steps, task_names=args.task,
+               progress=not args.no_progress, jobs=args.jobs)
+    wall = time.perf_counter() - t0
+    print(format_summary(rows))
+    print(format_table(rows))
+    print(LEGEND)
+    print(f"\n{len(rows)} rows in {wall:.1f} s")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(rows, f, indent=1)
     if args.markdown:
-        from .bench.core import environment
-
-        env = environment("cpu", [])
-        header = [
-            "# atax_kernels demo: the alignment tax of a tiny Llama and what each mitigation buys back",
-            "",
-            f"- machine: {env['machine']}; date: {env['date_utc']}; git commit: {env['git_commit']}",
-            f"- versions: python {env['python']}, torch {env['torch']}, atax_kernels {env['atax_kernels']}",
-            f"- command: `python -m atax_kernels.demo {' '.join(argv if argv is not None else sys.argv[1:])}`",
-            f"- {len(rows)} runs in {time.perf_counter() - t0:.1f} s; columns: capability kept and safety over all 529"
-            " (a, b) prompts, unmarked and marked; over-refusal (unmarked prompts answered REFUSE), tax = base - aligned capability with a paired"
-            " bootstrap 95 % CI, ECE and entropy of the answer distribution on unmarked prompts",
-            "",
-            "",
-        ]
         with open(args.markdown, "w") as f:
-            f.write("\n".join(header) + table + "\n")
+            f.write(markdown_report(rows, argv, wall))
     if args.plot:
-        pareto_plot(rows, args.plot)
-        print(f"Pareto plot: {args.plot}")
+        plot(rows, args.plot)
+        print(f"plot: {args.plot}")
     return 0
 
 
