@@ -148,6 +148,12 @@ def _short(exc: BaseException) -> str:
     return out[:1500]
 
 
+def _read_text(path: str) -> str:
+    """The file's text, with the handle closed at once (a bare ``open().read()`` leaks it until GC)."""
+    with open(path) as fh:
+        return fh.read()
+
+
 def _try_build(cuda: bool) -> types.ModuleType:
     """Compile (or reuse the cached build) and import. Raises on failure."""
     import torch
@@ -188,7 +194,7 @@ def _try_build(cuda: bool) -> types.ModuleType:
 
     so = os.path.join(build_dir, name + ".so")
     ok_marker = os.path.join(build_dir, "BUILT")
-    fresh = os.path.isfile(so) and os.path.isfile(ok_marker) and open(ok_marker).read() == digest
+    fresh = os.path.isfile(so) and os.path.isfile(ok_marker) and _read_text(ok_marker) == digest
     if not fresh:
         print(f"atax_kernels: building {'C++/CUDA' if cuda else 'C++'} extension (once, ~1 min"
               f"{'+' if cuda else ''})...", file=sys.stderr, flush=True)

@@ -50,6 +50,9 @@ class ProjectionStats:
         removed_fraction: scalar ``|g - g'| / |g|`` (0 when ``g`` is zero).
         projected: scalar bool, True when anything was removed.
         skipped: scalar bool, True when the Gram was non-finite and the gradient was left untouched.
+        reason: (property, synchronises) why nothing was applied, as a sentence, or None: which side was
+            non-finite when ``skipped``. The optimizer wrapper's ``last_stats`` also reports here
+            steps that had nothing to project against (``"no references"``).
     """
 
     dots: torch.Tensor
@@ -60,10 +63,14 @@ class ProjectionStats:
     skipped: torch.Tensor
     _nonfinite_grad: torch.Tensor = field(repr=False)
     _nonfinite_refs: torch.Tensor = field(repr=False)
+    #: A reason set by the caller (the optimizer wrapper: "no references", a dropped EMA capture); wins.
+    _note: str | None = field(default=None, repr=False)
 
     @property
     def reason(self) -> str | None:
         """Why the projection was skipped (which side was non-finite), or None. Synchronises."""
+        if self._note is not None:
+            return self._note
         if not bool(self.skipped):
             return None
         parts = []
@@ -73,6 +80,13 @@ class ProjectionStats:
         if bad:
             parts.append("reference" + ("s " if len(bad) > 1 else " ") + ", ".join(str(j) for j in bad))
         return "non-finite values (inf/NaN) in " + " and ".join(parts) + "; gradient left untouched"
+
+    def __repr__(self) -> str:
+        # Hand-written so ``reason`` (a property, not a field) shows; reading it synchronises, as printing
+        # any field does.
+        shown = ", ".join(f"{f}={getattr(self, f)!r}" for f in
+                          ("dots", "cosines", "coefs", "removed_fraction", "projected", "skipped"))
+        return f"ProjectionStats({shown}, reason={self.reason!r})"
 
     def as_dict(self) -> dict[str, Any]:
         """Host copy of every field (one sync), convenient for logging."""
@@ -222,10 +236,14 @@ def _project_impl(
     # The no-solve shortcut needs a basis stored precisely enough to be orthonormal (not bf16/fp16).
     orthonormal = isinstance(refs, Subspace) and all(d in (torch.float32, torch.float64) for d in refs.dtypes)
     if isinstance(refs, Subspace):
-        if refs.rank == 0:
+        if refs.rank == 0 and grad_list:
             raise ValueError("refs is an empty Subspace (rank 0): add directions first")
         refs = refs.basis
-    ref_lists = V.normalize_refs(refs, "refs")
+    if not grad_list and isinstance(refs, (list, tuple)) and len(refs) == 0:
+        # No gradients (a fully frozen model): nothing to project, so empty references are no error.
+        ref_lists: list[list[torch.Tensor]] = []
+    else:
+        ref_lists = V.normalize_refs(refs, "refs")
     mode = V.check_choice(mode, "mode", MODES)
     granularity = V.check_choice(granularity, "granularity", GRANULARITIES)
     alpha = V.check_strength(strength)

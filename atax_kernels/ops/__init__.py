@@ -66,6 +66,11 @@ def combine_(
         coefs: float64 ``[k]`` (global) or ``[n_tensors, k]`` (per tensor), on the tensors' device.
             A term whose coefficient is exactly 0 is skipped (its vector is not read).
         backend: as in :func:`gram`.
+
+    Raises:
+        ValueError: when a coefficient is NaN or infinite (it would write NaN into the targets), naming
+            its index; nothing is modified. ``project_`` never passes one (it skips non-finite problems
+            before combining). The check reads the coefficients on the host: one synchronisation on a GPU.
     """
     targets = V.as_tensor_list(target, "target")
     lists = _vector_lists(vectors, "vectors")
@@ -82,6 +87,11 @@ def combine_(
     device = targets[0].device
     if coefs.device != device:
         raise ValueError(f"coefs is on {coefs.device} but target is on {device}")
+    bad = ~torch.isfinite(coefs)
+    if bool(bad.any()):
+        where = [tuple(i) if len(i) > 1 else i[0] for i in torch.nonzero(bad).tolist()]
+        raise ValueError(f"coefs has non-finite values (NaN/inf) at {where[:8]}; the targets they apply to "
+                         f"would become non-finite, so nothing was written")
     V.check_no_overlap(targets, "target", lists, [f"vectors[{j}]" for j in range(len(lists))])
     dtypes = {t.dtype for lst in [targets, *lists] for t in lst}
     impl = resolve(backend, device, dtypes)

@@ -1,0 +1,69 @@
+"""Issue 13, items 1-11: what a user does not see. Every silent no-op either works, warns or raises."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import warnings
+
+import pytest
+import torch
+
+import atax_kernels
+from atax_kernels import ProjectedOptimizer, Subspace
+from conftest import backends_under_test
+
+BACKENDS = backends_under_test()
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+# --- item 11: empty gradient lists, non-finite combine_ coefficients, ProjectionStats.reason, _ext ---------
+
+@pytest.mark.parametrize("empty_refs", [[], [[]], [[], []], "subspace"])
+def test_project_empty_grads_is_noop_whatever_empty_refs(empty_refs):
+    refs = Subspace([], max_rank=2) if empty_refs == "subspace" else empty_refs
+    stats = atax_kernels.project_([], refs)
+    assert not bool(stats.projected) and not bool(stats.skipped) and stats.reason is None
+    assert stats.dots.numel() == (0 if empty_refs in ([], "subspace") else len(empty_refs))
+
+
+def test_project_empty_refs_still_refused_with_gradients():
+    with pytest.raises(ValueError, match="refs is empty"):
+        atax_kernels.project_([torch.ones(3)], [])
+    with pytest.raises(ValueError, match="empty Subspace"):
+        atax_kernels.project_([torch.ones(3)], Subspace([torch.ones(3)], max_rank=2))
+    with pytest.raises(ValueError, match="unknown mode"):  # bad settings are refused even with nothing to do
+        atax_kernels.project_([], [], mode="bogus")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+@pytest.mark.parametrize("per_tensor", [False, True])
+def test_combine_refuses_nonfinite_coefficient(backend, bad, per_tensor, device):
+    target = [torch.randn(5, device=device), torch.randn(3, device=device)]
+    vecs = [[torch.randn(5, device=device), torch.randn(3, device=device)] for _ in range(2)]
+    coefs = torch.tensor([[0.5, bad], [0.1, 0.2]] if per_tensor else [0.5, bad], dtype=torch.float64, device=device)
+    before = [t.clone() for t in target]
+    with pytest.raises(ValueError, match=r"coefs has non-finite values .* at \[" + (r"\(0, 1\)" if per_tensor else "1")):
+        atax_kernels.combine_(target, vecs, coefs, backend=backend)
+    assert all(torch.equal(a, b) for a, b in zip(before, target)), "a refused combine_ wrote something"
+
+
+def test_projection_stats_repr_and_doc_show_reason():
+    g, r = [torch.tensor([1.0, float("nan")])], [torch.tensor([1.0, 0.0])]
+    stats = atax_kernels.project_(g, r, backend="torch")
+    assert "reason='non-finite values" in repr(stats)
+    ok = atax_kernels.project_([torch.tensor([1.0, 1.0])], [torch.tensor([1.0, 0.0])], backend="torch")
+    assert "reason=None" in repr(ok)
+    assert "reason" in atax_kernels.ProjectionStats.__doc__
+
+
+def test_ext_marker_read_closes_its_file():
+    # A fresh interpreter, so the BUILT marker is read (not the in-process cache); unclosed handles become
+    # errors printed to stderr ("Exception ignored ... ResourceWarning").
+    code = "import gc; from atax_kernels import _ext; _ext.load(); gc.collect()"
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    out = subprocess.run([sys.executable, "-X", "dev", "-W", "error::ResourceWarning", "-c", code],
+                         cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "ResourceWarning" not in out.stderr, out.stderr[-2000:]
