@@ -74,6 +74,7 @@ int64_t check_combine_args(at::TensorList target, at::TensorList vectors, const 
 TORCH_LIBRARY(atax, m) {
   m.def("gram(Tensor[] vectors, int m, bool per_tensor) -> Tensor");
   m.def("combine_(Tensor(a!)[] target, Tensor[] vectors, Tensor coefs) -> ()");
+  m.def("remove_span_(Tensor(a!)[] targets, Tensor?[] bases) -> Tensor");
 }
 
 // Empty Python module: importing it registers the ops with the dispatcher.

@@ -70,12 +70,25 @@ def remove_span_torch(targets: list[torch.Tensor], bases: list[torch.Tensor | No
     return stats
 
 
+_fake_done = False
+
+
 def _cpp_present() -> bool:
+    """True when the loaded extension has ``atax::remove_span_`` (its fake impl is registered on first call)."""
+    global _fake_done
     try:
         torch.ops.atax.remove_span_  # noqa: B018
-        return True
     except Exception:
         return False
+    if not _fake_done:
+        try:
+            @torch.library.register_fake("atax::remove_span_")
+            def _fake(targets, bases):
+                return targets[0].new_empty((len(targets), 2), dtype=torch.float64)
+        except RuntimeError:  # already registered (module reloaded)
+            pass
+        _fake_done = True
+    return True
 
 
 def remove_span_cpp(targets: list[torch.Tensor], bases: list[torch.Tensor | None]) -> torch.Tensor:
