@@ -9,7 +9,7 @@ from atax_kernels.bench import core, optimizer
 
 def test_projection_bench_cli(tmp_path, capsys):
     js, md = tmp_path / "r.json", tmp_path / "r.md"
-    rc = core.main(["--scale", "0.002", "--dtype", "fp32,bf16", "--k", "1,2", "--repeat", "1", "--warmup", "0",
+    rc = core.main(["--scale", "0.002", "--dtype", "fp32,bf16", "--k", "1,2", "--repeat", "1", "--warmup", "1",
                     "--no-memory", "--no-progress", "--json", str(js), "--markdown", str(md)])
     out = capsys.readouterr().out
     assert rc == 0, out

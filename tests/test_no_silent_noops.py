@@ -67,3 +67,35 @@ def test_ext_marker_read_closes_its_file():
                          cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     assert "ResourceWarning" not in out.stderr, out.stderr[-2000:]
+
+
+# --- item 10: bench warmup and a floor measured like the kernels ---------------------------------------------
+
+def test_bench_quick_warms_up_and_reports_floor_spread(tmp_path, capsys):
+    import json
+
+    from atax_kernels.bench import core
+
+    js = tmp_path / "r.json"
+    rc = core.main(["--quick", "--scale", "0.002", "--dtype", "fp32", "--k", "2", "--repeat", "2",
+                    "--backends", "torch", "--no-memory", "--no-progress", "--json", str(js)])
+    out = capsys.readouterr().out
+    assert rc == 0, out
+    assert "warmup 1" in out
+    records = json.loads(js.read_text())["records"]
+    floor = next(r for r in records if r["impl"] == core.FLOOR)
+    n_impls = len(records) - 1
+    # Probed before every implementation in every round plus once per round: interleaved, repeatedly.
+    assert floor["floor_probes"] == 2 * (n_impls + 1) == len(floor["probe_times_ms"])
+    # Same size: the probe moves the case's minimum traffic (3 fp32 streams per element on CPU).
+    assert abs(3 * 4 * floor["probe_numel"] - floor["min_traffic_bytes"]) < 12
+    lo, hi = floor["floor_bandwidth_gbps_range"]
+    assert lo <= floor["floor_bandwidth_gbps"] <= hi
+    assert f"range {lo:.1f}-{hi:.1f} over {floor['floor_probes']} probes" in out
+
+
+def test_bench_refuses_zero_warmup():
+    from atax_kernels.bench import core
+
+    with pytest.raises(SystemExit, match="--warmup >= 1"):
+        core.main(["--scale", "0.002", "--warmup", "0", "--no-memory", "--no-progress"])

@@ -254,6 +254,22 @@ class Timer:
         return (time.perf_counter() - t0) * 1e3
 
 
+#: The floor probe's footprint is capped here: far beyond any last-level cache, so it still measures DRAM
+#: bandwidth, without allocating the 9 GB a full-size k = 8 fp32 case would move.
+FLOOR_MAX_BYTES = 1 << 30
+
+
+def floor_numel(case: "Case") -> int:
+    """Probe elements that move the case's minimum traffic (capped at FLOOR_MAX_BYTES).
+
+    Sized by bytes, not by the case's element count: a probe much smaller than the op's working set can sit
+    in cache on small (``--quick``) cases and report a bandwidth the op can never see, and one much larger
+    measures a different regime.
+    """
+    per_elem = (2 if _is_cuda(case.device) else 3) * 4
+    return max(1, min(case.min_traffic_bytes, FLOOR_MAX_BYTES) // per_elem)
+
+
 class StreamFloor:
     """The memory-bandwidth roofline probe over M float32 elements.
 
@@ -428,7 +444,7 @@ def bench_case(
     pristine = [g.clone() for g in grads]
     impls = implementations(backends, case.k)
     timer = Timer(case.device)
-    floor = StreamFloor(case.numel, case.device)
+    floor = StreamFloor(floor_numel(case), case.device)
 
     def restore():
         torch._foreach_copy_(grads, pristine)
@@ -462,9 +478,12 @@ def bench_case(
     for _ in range(max(1, warmup)):
         floor()
     floor_ms: list[float] = []
-    # Round-robin repeats so that drift of a shared, noisy machine hits every implementation alike.
+    # Round-robin repeats so that drift of a shared, noisy machine hits every implementation alike; the
+    # floor is probed before every implementation (and once more per round), so its median tracks the same
+    # conditions and its spread shows how noisy the machine was.
     for _ in range(repeat):
         for name in live:
+            floor_ms.append(timer(floor))
             restore()
             recs[name]["times_ms"].append(timer(lambda: impls[name](grads, refs)))
         floor_ms.append(timer(floor))
@@ -472,6 +491,7 @@ def bench_case(
         progress.update(len(impls))
 
     bw = floor.bytes_per_call / (_median(floor_ms) * 1e-3)  # bytes/s
+    bw_lo, bw_hi = floor.bytes_per_call / (max(floor_ms) * 1e-3), floor.bytes_per_call / (min(floor_ms) * 1e-3)
     traffic = case.min_traffic_bytes
     floor_time_ms = traffic / bw * 1e3
     base = {
@@ -485,6 +505,8 @@ def bench_case(
         "n_tensors": case.n_tensors,
         "min_traffic_bytes": traffic,
         "floor_bandwidth_gbps": bw / 1e9,
+        "floor_bandwidth_gbps_range": [bw_lo / 1e9, bw_hi / 1e9],
+        "floor_probes": len(floor_ms),
         "floor_ms": floor_time_ms,
         "tolerance": tol,
     }
@@ -511,7 +533,7 @@ def bench_case(
             "times_ms": [t * (traffic / floor.bytes_per_call) for t in floor_ms],
             "probe_times_ms": floor_ms,
             "probe": "a.copy_(b) fp32" if floor.cuda else "torch.add(b, c, out=a) fp32",
-            "probe_numel": case.numel,
+            "probe_numel": floor.a.numel(),
             "error": None,
             "rel_err": None,
             "ok": None,
@@ -578,7 +600,9 @@ def _row(r: dict) -> list[str]:
     if r.get("error"):
         return [r["impl"], "error", "-", "-", "-", "-", "-", r["error"][:60]]
     if r["impl"] == FLOOR:
-        check = f"{r['probe']}, {r['floor_bandwidth_gbps']:.1f} GB/s"
+        lo, hi = r.get("floor_bandwidth_gbps_range", (float("nan"), float("nan")))
+        check = (f"{r['probe']}, {r['floor_bandwidth_gbps']:.1f} GB/s "
+                 f"(range {lo:.1f}-{hi:.1f} over {r.get('floor_probes', '?')} probes)")
     elif r["ok"] is None:
         check = "-"
     else:
@@ -687,7 +711,9 @@ def markdown_report(env: dict, records: list[dict], wall_s: float) -> str:
         f"- wall time: {wall_s:.1f} s",
         "",
         "Columns: median over the repeats (interleaved round-robin in one process); GB/s of the minimum traffic "
-        "N·(3·s_g + 2k·s_r); x floor = time / (minimum traffic / stream bandwidth); peak extra memory = peak "
+        "N·(3·s_g + 2k·s_r); x floor = time / (minimum traffic / stream bandwidth), the stream bandwidth being the "
+        "median of a probe that moves the same bytes, run before every implementation in every round (its range "
+        "is in the floor row); peak extra memory = peak "
         "RSS growth (CUDA: max_memory_allocated growth) of one projection in a fresh process, after grads and "
         "refs exist; check = relative L2 difference to the seed's result.",
         "",
@@ -715,7 +741,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cpu", help="cpu or cuda[:i] (default cpu)")
     p.add_argument("--backends", default=None, help="comma list of atax backends (default: available for the device)")
     p.add_argument("--repeat", type=int, default=None, help="timed runs per implementation (default 10; --quick 3)")
-    p.add_argument("--warmup", type=int, default=None, help="untimed runs after the check run (default 2; --quick 0)")
+    p.add_argument("--warmup", type=int, default=None, help="untimed runs after the check run, >= 1 (default 2; --quick 1)")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's default)")
     p.add_argument("--json", metavar="PATH", help="write the raw records (and environment) as JSON")
     p.add_argument("--markdown", metavar="PATH", help="write a markdown report (environment header + tables)")
@@ -745,9 +771,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     scale = args.scale if args.scale is not None else (0.01 if args.quick else 1.0)
     repeat = args.repeat if args.repeat is not None else (3 if args.quick else 10)
-    warmup = args.warmup if args.warmup is not None else (0 if args.quick else 2)
-    if repeat < 1 or warmup < 0:
-        raise SystemExit("--repeat must be >= 1 and --warmup >= 0")
+    warmup = args.warmup if args.warmup is not None else (1 if args.quick else 2)
+    if repeat < 1 or warmup < 1:
+        # warmup 0 would time first-call costs (allocator, dispatch caches, page faults) as kernel time.
+        raise SystemExit("--repeat must be >= 1 and --warmup >= 1")
     dtypes = _csv(args.dtype)
     for d in dtypes:
         if d not in DTYPES:
