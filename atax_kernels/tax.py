@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import warnings
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
@@ -63,11 +64,20 @@ class TaxReport:
 
     def __str__(self) -> str:
         pct = f"{100 * self.confidence:g}%"
-        rel = f", {100 * self.tax / self.base_score:+.1f}% of base" if self.base_score != 0 else ""
+        # A share of the base score only means something for a positive base (accuracy, pass rate); with
+        # scores that can be negative (log-likelihoods, rewards) it is meaningless, so it is left out.
+        rel = f", {100 * self.tax / self.base_score:+.1f}% of base" if self.base_score > 0 else ""
+        small = f"; n < {MIN_RELIABLE_N}: the interval is unreliable" if self.n < MIN_RELIABLE_N else ""
         return (
             f"alignment tax {self.tax:+.4f} ({pct} CI [{self.ci_low:+.4f}, {self.ci_high:+.4f}]{rel}): "
-            f"base {self.base_score:.4f} -> aligned {self.aligned_score:.4f} over n={self.n} examples"
+            f"base {self.base_score:.4f} -> aligned {self.aligned_score:.4f} over n={self.n} examples{small}"
         )
+
+
+#: Below this many examples ``measure_alignment_tax`` warns: a percentile bootstrap of a mean undercovers
+#: badly on tiny samples (n = 4 has only 35 distinct resample means; identical differences give a
+#: zero-width interval), and 30 is the usual rule of thumb for the mean's sampling distribution.
+MIN_RELIABLE_N = 30
 
 
 def _scores(value: Any, name: str) -> np.ndarray:
@@ -108,6 +118,10 @@ def measure_alignment_tax(
     independently) keeps the per-example correlation between the models, which makes the interval much
     tighter than an unpaired one. The result is deterministic for a given ``seed``.
 
+    With fewer than :data:`MIN_RELIABLE_N` (30) examples a ``UserWarning`` says the interval is unreliable
+    (and ``str(report)`` says so too). The report's text gives the tax as a percentage of the base score
+    only when the base score is positive.
+
     Raises:
         ValueError: the score lists differ in length, are empty, not 1-D, or contain non-finite values;
             ``n_bootstrap`` is not a positive int; ``confidence`` is not in (0, 1).
@@ -130,6 +144,10 @@ def measure_alignment_tax(
             f"both must score the same examples in the same order"
         )
     n = b.size
+    if n < MIN_RELIABLE_N:
+        warnings.warn(
+            f"measure_alignment_tax: only n={n} examples; below {MIN_RELIABLE_N} the bootstrap interval is "
+            f"unreliable (too narrow, possibly zero-width). Score more examples.", UserWarning, stacklevel=2)
     diff = b - a
     rng = np.random.default_rng(seed)
     taxes = np.empty(int(n_bootstrap), dtype=np.float64)

@@ -99,3 +99,29 @@ def test_bench_refuses_zero_warmup():
 
     with pytest.raises(SystemExit, match="--warmup >= 1"):
         core.main(["--scale", "0.002", "--warmup", "0", "--no-memory", "--no-progress"])
+
+
+# --- item 9: measure_alignment_tax ---------------------------------------------------------------------------
+
+def test_tax_no_percentage_for_nonpositive_base():
+    rng = torch.Generator().manual_seed(0)
+    base = (-1.0 - torch.rand(200, generator=rng, dtype=torch.float64)).tolist()  # log-likelihood-like scores
+    aligned = [x - 0.01 for x in base]
+    r = atax_kernels.measure_alignment_tax("b", "a", {"b": base, "a": aligned}.__getitem__)
+    assert r.base_score < 0 and "% of base" not in str(r)
+    r0 = atax_kernels.measure_alignment_tax("b", "a", {"b": [0.0] * 40, "a": [-1.0] * 40}.__getitem__)
+    assert "% of base" not in str(r0)
+    pos = atax_kernels.measure_alignment_tax("b", "a", {"b": [1.0] * 40, "a": [0.5] * 40}.__getitem__)
+    assert "+50.0% of base" in str(pos)
+
+
+def test_tax_warns_on_tiny_samples():
+    src = {"b": [1.0, 1.0, 1.0, 1.0], "a": [0.0, 0.0, 0.0, 0.0]}
+    with pytest.warns(UserWarning, match=r"only n=4 examples"):
+        r = atax_kernels.measure_alignment_tax("b", "a", src.__getitem__)
+    assert "unreliable" in str(r)
+    big = {"b": [1.0, 0.0] * 15, "a": [0.0, 1.0] * 15}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        r = atax_kernels.measure_alignment_tax("b", "a", big.__getitem__)  # n = 30: no warning
+    assert "unreliable" not in str(r)
