@@ -125,3 +125,51 @@ def test_tax_warns_on_tiny_samples():
         warnings.simplefilter("error")
         r = atax_kernels.measure_alignment_tax("b", "a", big.__getitem__)  # n = 30: no warning
     assert "unreliable" not in str(r)
+
+
+# --- item 8: pareto plot ---------------------------------------------------------------------------------------
+
+def test_pareto_plot_alpha_order_labels_fitted_axes_and_base(tmp_path):
+    from atax_kernels.pareto import plot_pareto
+
+    # A path that doubles back: sorted by (safety, capability) it would be a different, monotone curve.
+    rows = [{"method": "m", "alpha": a, "safety": s, "capability": c}
+            for a, s, c in [(1.0, 3.0, -7.5), (0.0, 2.0, -2.0), (0.5, 4.0, -3.0)]]
+    path = tmp_path / "p.png"
+    drawn = plot_pareto(rows, str(path), y_label="log-likelihood (held-out)")
+    assert [p[0] for p in drawn["series"]["m"]] == [0.0, 0.5, 1.0]
+    assert drawn["base"] == (2.0, -2.0)
+    (x0, x1), (y0, y1) = drawn["xlim"], drawn["ylim"]
+    assert x0 < 2.0 and x1 > 4.0 and y0 < -7.5 and y1 > -2.0  # the data sit inside, with a margin
+    assert x1 - x0 < 3.0 and y1 - y0 < 8.0  # and the axes fit them (not a fixed or huge range)
+    assert drawn["ylabel"] == "log-likelihood (held-out)" and drawn["xlabel"] == "safety"
+    assert path.stat().st_size > 1000
+
+
+def test_pareto_sweep_labels_and_base_star_without_alpha_zero(tmp_path):
+    torch.manual_seed(0)
+    base, tuned = torch.nn.Linear(3, 1), torch.nn.Linear(3, 1)
+    base_state = {k: v.clone() for k, v in base.state_dict().items()}
+
+    def evaluate(model):
+        d = sum(float((p - base_state[n]).norm()) for n, p in model.named_parameters())
+        return {"capability": 10.0 - d, "safety": 5.0 + d}
+
+    import atax_kernels.pareto as P
+
+    seen = {}
+    orig = P.plot_pareto
+
+    def spy(*a, **kw):
+        seen.update(orig(*a, **kw))
+        return seen
+
+    P.plot_pareto = spy
+    try:
+        rows = P.pareto_sweep({"t": tuned}, base_state, evaluate, alphas=(1.0, 0.5), plot=str(tmp_path / "q.png"),
+                              capability_label="accuracy")
+    finally:
+        P.plot_pareto = orig
+    assert [r["alpha"] for r in rows] == [1.0, 0.5]
+    assert seen["base"] == (5.0, 10.0) and seen["ylabel"] == "accuracy"
+    assert [p[0] for p in seen["series"]["t"]] == [0.5, 1.0]
