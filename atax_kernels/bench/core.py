@@ -763,6 +763,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["remove-span"]:  # the activation-space op has its own CLI (bench/remove_span.py)
+        from .remove_span import main as remove_span_main
+
+        return remove_span_main(argv[1:])
     args = build_parser().parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
