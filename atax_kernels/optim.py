@@ -23,6 +23,7 @@ the same coefficients, statistics and EMA fold decisions. ``step()`` is then a c
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Any, Callable, Iterable
 
 import torch
@@ -38,13 +39,18 @@ TARGETS = ("grad", "update")
 REFERENCE_KINDS = ("live", "ema")
 
 
-def _plain_stats(device: torch.device, k: int = 0) -> ProjectionStats:
+def _plain_stats(device: torch.device, k: int = 0, *, note: str | None = None, skipped: bool = False) -> ProjectionStats:
+    """Stats of a step that projected nothing; ``note`` becomes ``reason`` (why nothing was projected)."""
     f = torch.zeros(k, dtype=torch.float64, device=device)
     z = torch.zeros((), dtype=torch.float64, device=device)
     no = torch.zeros((), dtype=torch.bool, device=device)
     return ProjectionStats(dots=f, cosines=f.clone(), coefs=f.clone(), removed_fraction=z, projected=no,
-                           skipped=no.clone(), _nonfinite_grad=no.clone(),
-                           _nonfinite_refs=torch.zeros(k, dtype=torch.bool, device=device))
+                           skipped=torch.full((), skipped, dtype=torch.bool, device=device),
+                           _nonfinite_grad=no.clone(),
+                           _nonfinite_refs=torch.zeros(k, dtype=torch.bool, device=device), _note=note)
+
+
+NO_REFERENCES = "no references"
 
 
 class ProjectedOptimizer(torch.optim.Optimizer):
@@ -60,9 +66,10 @@ class ProjectedOptimizer(torch.optim.Optimizer):
             references even when the gradient is). ``"update"`` costs one copy of the parameters that have
             gradients, held during the step.
         ptx_weight: lambda >= 0: adds ``lambda * mean(references)`` to the projected gradient (PTX mixing),
-            in the same fused pass. Only with ``target="grad"``. Prefer loss-objective references (then PTX
-            mixes in a bounded objective); margin references + PTX were reported to hurt (46 % kept), though
-            in our runs 1 margin reference + PTX 0.1 kept 99 %.
+            in the same fused pass. Only with ``target="grad"``. PTX trades safety progress for capability
+            kept: a larger lambda keeps more capability and learns safety more slowly. Prefer loss-objective
+            references (PTX then mixes in a bounded objective); with margin references the combination was
+            reported to hurt, which our runs did not reproduce, so measure it on held-out data.
         reference: ``"live"`` (captured gradients are used by the next step, then dropped) or ``"ema"``
             (captures are folded into persistent exponential moving averages, one per capture slot).
         ema_beta: EMA decay.
@@ -141,6 +148,7 @@ class ProjectedOptimizer(torch.optim.Optimizer):
         self._ema: list[list[torch.Tensor | None]] = []
         self._ema_count: list[int] = []
         self._steps = 0
+        self._warned_no_references = False
         self.last_stats: ProjectionStats | None = None
         self._optimizer_step_pre_hooks: dict = {}
         self._optimizer_step_post_hooks: dict = {}
@@ -248,16 +256,21 @@ class ProjectedOptimizer(torch.optim.Optimizer):
             grams = reduce_grams(grams)
         return float(grams[0, 0])
 
-    def _fold_ema(self, params: list[torch.Tensor]) -> None:
-        """Fold finite pending captures into their EMA slots (unscaled), in one pass each."""
+    def _fold_ema(self, params: list[torch.Tensor]) -> list[int]:
+        """Fold finite pending captures into their EMA slots (unscaled), in one pass each.
+
+        Returns the capture slots dropped for non-finite values (the step reports them as skipped)."""
+        dropped: list[int] = []
         for slot, (tensors, inv_scale) in enumerate(self._pending):
             present = [t for t in tensors if t is not None]
             if not present:
                 continue
             norm_sq = self._norm_sq(present)
-            if not math.isfinite(norm_sq) or norm_sq == 0.0:
-                # A non-finite capability gradient never enters the EMA; an all-zero one (checkpoint
-                # loaders stepping with zero gradients) must not decay it either.
+            if not math.isfinite(norm_sq):
+                dropped.append(slot)  # a non-finite capability gradient never enters the EMA
+                continue
+            if norm_sq == 0.0:
+                # An all-zero capture (checkpoint loaders stepping with zero gradients) must not decay the EMA.
                 continue
             while len(self._ema) <= slot:
                 self._ema.append([None] * len(params))
@@ -277,6 +290,7 @@ class ProjectedOptimizer(torch.optim.Optimizer):
                     ema[i].mul_(self.ema_beta).add_(src, alpha=(1.0 - self.ema_beta) * inv_scale)
             self._ema_count[slot] += 1
         self._pending = []
+        return dropped
 
     def _refresh_with_reference_fn(self, params: list[torch.Tensor]) -> None:
         due = self.reference == "live" or self._steps % self.refresh_every == 0 or not self._ema
@@ -323,9 +337,9 @@ class ProjectedOptimizer(torch.optim.Optimizer):
                 loss = closure()
         params = self._params()
         self._refuse_sharded_subspace(params)
+        self._refuse_everything_captured(params)
         self._refresh_with_reference_fn(params)
-        if self.reference == "ema":
-            self._fold_ema(params)
+        dropped = self._fold_ema(params) if self.reference == "ema" else []
         refs, scales = self._reference_lists(params)
         self._pending = []
         self._steps += 1
@@ -334,8 +348,23 @@ class ProjectedOptimizer(torch.optim.Optimizer):
         idx = [i for i, p in enumerate(params)
                if p.grad is not None and all(r[i] is not None for r in refs)]
         device = params[idx[0]].device if idx else (params[0].device if params else torch.device("cpu"))
+        if dropped:
+            # As a live non-finite capture does (project_ skips on its non-finite Gram): nothing is projected
+            # this step and the EMA stays as it was.
+            which = ", ".join(str(j) for j in dropped)
+            self.last_stats = _plain_stats(device, skipped=True, note=(
+                f"non-finite values (inf/NaN) in capture{'s' if len(dropped) > 1 else ''} {which}: not folded "
+                f"into the EMA; gradient left untouched"))
+            result = self.optimizer.step()
+            return loss if loss is not None else result
         if not refs or not idx:
-            self.last_stats = _plain_stats(device)
+            note = None
+            if not refs and getattr(self, "activation_subspace", None) is None:
+                note = NO_REFERENCES
+                self._warn_no_references()
+            elif refs and any(p.grad is not None for p in params):
+                note = "no parameter has both a gradient and a reference"
+            self.last_stats = _plain_stats(device, note=note)
             result = self.optimizer.step()
             return loss if loss is not None else result
 
@@ -370,6 +399,25 @@ class ProjectedOptimizer(torch.optim.Optimizer):
                                             apply_to=now, sign=-1.0, reduce_grams=reduce_grams)
         del before
         return loss if loss is not None else result
+
+    def _warn_no_references(self) -> None:
+        if self._warned_no_references:
+            return
+        self._warned_no_references = True
+        warnings.warn(
+            "ProjectedOptimizer.step(): no references to project against (no capture_reference() since the "
+            "last zero_grad()/step(), no EMA yet, no subspace, no reference_fn), so this is a plain, unprojected "
+            "step; last_stats.reason says 'no references'. Capture after zero_grad(), not before it. "
+            "(Warned once per optimizer.)", UserWarning, stacklevel=4)  # past step() and its no_grad wrapper
+
+    def _refuse_everything_captured(self, params: list[torch.Tensor]) -> None:
+        """Captures are pending but no parameter has a gradient: the safety backward ran before capturing."""
+        if self._pending and params and all(p.grad is None for p in params):
+            raise RuntimeError(
+                "step(): capture_reference() took every gradient and none was computed after it, so this step "
+                "would change no weight. The safety backward must come after capture_reference(): "
+                "zero_grad(); capability.backward(); capture_reference(); safety.backward(); step()"
+            )
 
     @staticmethod
     def _local(t: torch.Tensor) -> torch.Tensor:
@@ -423,19 +471,37 @@ class ProjectedOptimizer(torch.optim.Optimizer):
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:  # type: ignore[override]
-        if not isinstance(state_dict, dict) or "optimizer" not in state_dict or "atax" not in state_dict:
-            raise ValueError("state_dict was not produced by ProjectedOptimizer.state_dict() "
-                             "(expected keys 'optimizer' and 'atax')")
+        """Load a :meth:`state_dict` of this wrapper, or a plain state dict of the wrapped optimizer.
+
+        The constructor's settings (mode, strength, ...) win: a checkpoint saved with other settings loads
+        its optimizer state, EMA buffers and subspace, with a ``UserWarning`` naming what differs. A plain
+        inner-optimizer state dict (e.g. an AdamW fine-tuning checkpoint, keys ``state``/``param_groups``)
+        loads into the wrapped optimizer, and the wrapper starts fresh (no EMA, step count 0).
+        """
+        if not isinstance(state_dict, dict):
+            raise TypeError(f"state_dict must be a dict, got {type(state_dict).__name__}")
+        if "atax" not in state_dict and "state" in state_dict and "param_groups" in state_dict:
+            self.optimizer.load_state_dict(state_dict)
+            self._steps, self._ema, self._ema_count, self._pending = 0, [], [], []
+            return
+        if "optimizer" not in state_dict or "atax" not in state_dict:
+            raise ValueError("state_dict was not produced by ProjectedOptimizer.state_dict() (expected keys "
+                             "'optimizer' and 'atax') nor by a torch optimizer (keys 'state' and 'param_groups'); "
+                             f"got keys {sorted(map(str, state_dict))}")
         atax = state_dict["atax"]
         params = self._params()
         for slot in atax["ema"]:
             if len(slot) != len(params):
                 raise ValueError(f"EMA state covers {len(slot)} parameters, optimizer has {len(params)}")
+        differ = [f"{key}: checkpoint {value!r}, this optimizer {getattr(self, key)!r}"
+                  for key, value in atax["settings"].items() if hasattr(self, key) and getattr(self, key) != value]
         self.optimizer.load_state_dict(state_dict["optimizer"])
-        for key, value in atax["settings"].items():
-            setattr(self, key, value)
+        if differ:
+            warnings.warn("ProjectedOptimizer.load_state_dict: the checkpoint was saved with other settings; "
+                          "keeping the constructor's (" + "; ".join(differ) + ")", UserWarning, stacklevel=2)
         self._steps = int(atax["steps"])
-        self._ema = [[None if t is None else t.to(p.device) for t, p in zip(slot, params)] for slot in atax["ema"]]
+        self._ema = [[None if t is None else t.to(p.device, self.reference_dtype or t.dtype) for t, p in zip(slot, params)]
+                     for slot in atax["ema"]]
         self._ema_count = list(atax["ema_count"])
         if atax["subspace"] is not None:
             if self.subspace is None:
