@@ -19,6 +19,7 @@ from .ops import available_backends, combine_, gram
 from .projection import ProjectionStats, project_
 from .subspace import Subspace
 from .optim import ProjectedOptimizer
+from .activation import ActivationSubspace
 from .distributed import project_model_
 from . import objectives
 from .interpolate import interpolate_
@@ -28,5 +29,5 @@ from .tax import TaxRate, TaxReport, distinct_n, expected_calibration_error, mea
 __version__ = "0.1.0"
 
 __all__ = ["gram", "combine_", "project_", "ProjectionStats", "available_backends", "Subspace",
-           "ProjectedOptimizer", "project_model_", "objectives", "interpolate_", "pareto_sweep", "measure_alignment_tax", "TaxReport", "tax_rate",
+           "ProjectedOptimizer", "ActivationSubspace", "project_model_", "objectives", "interpolate_", "pareto_sweep", "measure_alignment_tax", "TaxReport", "tax_rate",
            "TaxRate", "expected_calibration_error", "mean_entropy", "distinct_n", "__version__"]

@@ -84,6 +84,14 @@ class ProjectedOptimizer(torch.optim.Optimizer):
         scaler: the ``GradScaler`` in use, if any. Captured gradients are scaled; the wrapper divides by the
             scale where magnitudes matter (EMA, PTX) and scales ``reference_fn``'s backward the same way.
         backend: kernel backend for ``project_`` (None: fastest available).
+        activation_subspace: an :class:`~atax_kernels.ActivationSubspace`: after the wrapped step (and after any
+            gradient-reference projection, whatever its ``target``), the realised update of every protected
+            parameter (weight decay included) is projected off its capability input basis, and protected
+            embedding rows keep their values. No capture is needed. With ``reference_fn``, every
+            ``refresh_every`` steps ``reference_fn()`` runs under ``torch.no_grad()`` inside
+            ``activation_subspace.observe()`` (its return value is ignored) and ``update()`` follows; the
+            gradient references then come from ``capture_reference()`` only. Costs one copy of the protected
+            parameters during the step. ``last_stats.activation`` holds the ranks and the fraction removed.
     """
 
     def __init__(
@@ -104,6 +112,7 @@ class ProjectedOptimizer(torch.optim.Optimizer):
         refresh_every: int = 1,
         scaler: Any = None,
         backend: str | None = None,
+        activation_subspace: Any = None,
     ) -> None:
         if not isinstance(optimizer, torch.optim.Optimizer):
             raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
@@ -144,6 +153,13 @@ class ProjectedOptimizer(torch.optim.Optimizer):
         self.reference, self.ema_beta, self.reference_dtype = reference, float(ema_beta), reference_dtype
         self.max_references, self.subspace = max_references, subspace
         self.reference_fn, self.refresh_every, self.scaler, self.backend = reference_fn, refresh_every, scaler, backend
+        if activation_subspace is not None:
+            from .activation import ActivationSubspace
+
+            if not isinstance(activation_subspace, ActivationSubspace):
+                raise TypeError("activation_subspace must be an atax_kernels.ActivationSubspace, got "
+                                f"{type(activation_subspace).__name__}")
+        self.activation_subspace = activation_subspace
         self._pending: list[tuple[list[torch.Tensor | None], float]] = []  # (tensors per param, inverse scale)
         self._ema: list[list[torch.Tensor | None]] = []
         self._ema_count: list[int] = []
@@ -294,7 +310,7 @@ class ProjectedOptimizer(torch.optim.Optimizer):
 
     def _refresh_with_reference_fn(self, params: list[torch.Tensor]) -> None:
         due = self.reference == "live" or self._steps % self.refresh_every == 0 or not self._ema
-        if self.reference_fn is None or not due:
+        if self.reference_fn is None or not due or self.activation_subspace is not None:
             return
         stash = []
         for p in params:
@@ -330,6 +346,40 @@ class ProjectedOptimizer(torch.optim.Optimizer):
     # -- the step -----------------------------------------------------------------------------------
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None) -> Any:  # type: ignore[override]
+        """Project the gradients (or the update) against the references, step the wrapped optimizer, then
+        (with ``activation_subspace``) project the realised update of the protected parameters."""
+        sub = self.activation_subspace
+        if sub is None:
+            return self._step_references(closure)
+        if self.reference_fn is not None and self._steps % self.refresh_every == 0:
+            with sub.observe():
+                self.reference_fn()
+            sub.update()
+        managed = {id(p) for p in self._params()}
+        protected = [p for p in sub.parameters() if id(p) in managed]
+        # The one copy: the protected parameters before the step (local shards under FSDP2).
+        deltas = [self._local(p.detach()).clone() for p in protected]
+        result = self._step_references(closure)
+        if protected:
+            now = [self._local(p.detach()) for p in protected]
+            torch._foreach_sub_(deltas, now)
+            torch._foreach_neg_(deltas)     # realised update dW = new - old
+            torch._foreach_sub_(now, deltas)  # back to old (exact where old and new are within 2x: Sterbenz)
+            act = sub.project_updates_(protected, deltas, backend=self.backend)
+            torch._foreach_add_(now, deltas)  # old + projected dW
+            del deltas
+        else:
+            dev = self._params()[0].device if self._params() else torch.device("cpu")
+            from .activation import ActivationStats
+
+            act = ActivationStats(ranks=sub.ranks(), names=[], per_target=torch.zeros((0, 2), dtype=torch.float64,
+                                  device=dev), update_removed_fraction=torch.zeros((), dtype=torch.float64, device=dev))
+        if self.last_stats is not None:
+            self.last_stats.activation = act
+        return result
+
+    def _step_references(self, closure: Callable[[], float] | None = None) -> Any:
+        """Project the gradients (or the update) against the references, then step the wrapped optimizer."""
         """Project the gradients (or the update) against the references, then step the wrapped optimizer."""
         loss = None
         if closure is not None:
@@ -467,6 +517,7 @@ class ProjectedOptimizer(torch.optim.Optimizer):
                 "ema": [[None if t is None else t.clone() for t in slot] for slot in self._ema],
                 "ema_count": list(self._ema_count),
                 "subspace": None if self.subspace is None else self.subspace.state_dict(),
+                "activation": None if self.activation_subspace is None else self.activation_subspace.state_dict(),
             },
         }
 
@@ -503,6 +554,8 @@ class ProjectedOptimizer(torch.optim.Optimizer):
         self._ema = [[None if t is None else t.to(p.device, self.reference_dtype or t.dtype) for t, p in zip(slot, params)]
                      for slot in atax["ema"]]
         self._ema_count = list(atax["ema_count"])
+        if atax.get("activation") is not None and self.activation_subspace is not None:
+            self.activation_subspace.load_state_dict(atax["activation"])
         if atax["subspace"] is not None:
             if self.subspace is None:
                 self.subspace = Subspace(params, max_rank=int(atax["subspace"]["max_rank"]))

@@ -65,6 +65,18 @@ class ProjectionStats:
     _nonfinite_refs: torch.Tensor = field(repr=False)
     #: A reason set by the caller (the optimizer wrapper: "no references", a dropped EMA capture); wins.
     _note: str | None = field(default=None, repr=False)
+    #: The optimizer wrapper's activation projection of this step (an ``ActivationStats``), or None.
+    activation: Any = field(default=None, repr=False)
+
+    @property
+    def update_removed_fraction(self) -> torch.Tensor | None:
+        """Scalar ``|removed| / |update|`` of the activation projection this step (None without one)."""
+        return None if self.activation is None else self.activation.update_removed_fraction
+
+    @property
+    def feature_ranks(self) -> dict[str, int] | None:
+        """Per protected module, its activation basis rank this step (None without an activation subspace)."""
+        return None if self.activation is None else self.activation.ranks
 
     @property
     def reason(self) -> str | None:
