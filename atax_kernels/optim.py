@@ -53,6 +53,18 @@ def _plain_stats(device: torch.device, k: int = 0, *, note: str | None = None, s
 NO_REFERENCES = "no references"
 
 
+def _caller_stacklevel() -> int:
+    """``stacklevel`` of the first frame outside this module and torch's ``no_grad`` wrapper (the user's call)."""
+    import os
+    import sys
+
+    wrapper = os.path.join("torch", "utils", "_contextlib.py")
+    f, level = sys._getframe(1), 1
+    while f is not None and (f.f_code.co_filename == __file__ or f.f_code.co_filename.endswith(wrapper)):
+        f, level = f.f_back, level + 1
+    return level
+
+
 class ProjectedOptimizer(torch.optim.Optimizer):
     """A ``torch.optim.Optimizer`` that projects gradients (or updates) against capability references.
 
@@ -380,7 +392,6 @@ class ProjectedOptimizer(torch.optim.Optimizer):
 
     def _step_references(self, closure: Callable[[], float] | None = None) -> Any:
         """Project the gradients (or the update) against the references, then step the wrapped optimizer."""
-        """Project the gradients (or the update) against the references, then step the wrapped optimizer."""
         loss = None
         if closure is not None:
             with torch.enable_grad():
@@ -458,7 +469,7 @@ class ProjectedOptimizer(torch.optim.Optimizer):
             "ProjectedOptimizer.step(): no references to project against (no capture_reference() since the "
             "last zero_grad()/step(), no EMA yet, no subspace, no reference_fn), so this is a plain, unprojected "
             "step; last_stats.reason says 'no references'. Capture after zero_grad(), not before it. "
-            "(Warned once per optimizer.)", UserWarning, stacklevel=4)  # past step() and its no_grad wrapper
+            "(Warned once per optimizer.)", UserWarning, stacklevel=_caller_stacklevel())
 
     def _refuse_everything_captured(self, params: list[torch.Tensor]) -> None:
         """Captures are pending but no parameter has a gradient: the safety backward ran before capturing."""

@@ -221,23 +221,31 @@ def test_step_without_references_says_so_and_warns_once():
 
 
 def test_step_with_an_activation_subspace_is_not_without_references():
-    # Another feature may set `activation_subspace`; such a step has something to project against.
+    from atax_kernels.activation import ActivationSubspace
+
+    model = _model()
+    cap, saf = _losses(model)
+    sub = ActivationSubspace(model, energy=0.9)
+    with sub.observe():
+        cap()
+    sub.update()
+    opt = ProjectedOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), activation_subspace=sub)
+    saf().backward()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no "no references" warning
+        opt.step()
+    assert opt.last_stats.reason is None
+
+
+def test_no_references_warning_points_at_the_callers_line():
     model = _model()
     _, saf = _losses(model)
     opt = ProjectedOptimizer(torch.optim.SGD(model.parameters(), lr=0.1))
-    if not hasattr(opt, "activation_subspace"):
-        opt.activation_subspace = object()  # stands in for the feature: only its presence is read here
-        opt._activation_standin = True
     saf().backward()
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
-        try:
-            opt.step()
-        except Exception:
-            if getattr(opt, "_activation_standin", False):
-                raise
-    if getattr(opt, "_activation_standin", False):
-        assert opt.last_stats.reason is None
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        opt.step()
+    assert [w.filename for w in caught] == [__file__]
 
 
 def test_safety_backward_before_capture_is_an_error():
