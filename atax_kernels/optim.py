@@ -53,6 +53,21 @@ def _plain_stats(device: torch.device, k: int = 0, *, note: str | None = None, s
 NO_REFERENCES = "no references"
 
 
+def _binds_no_args(fn: Callable[..., Any]) -> bool:
+    """Whether ``fn()`` is a valid call (True when the signature cannot be read)."""
+    import inspect
+
+    try:
+        sig = inspect.signature(fn)
+    except (TypeError, ValueError):
+        return True
+    try:
+        sig.bind()
+    except TypeError:
+        return False
+    return True
+
+
 def _caller_stacklevel() -> int:
     """``stacklevel`` of the first frame outside this module and torch's ``no_grad`` wrapper (the user's call)."""
     import os
@@ -153,6 +168,12 @@ class ProjectedOptimizer(torch.optim.Optimizer):
             raise TypeError(f"subspace must be an atax_kernels.Subspace, got {type(subspace).__name__}")
         if reference_fn is not None and not callable(reference_fn):
             raise TypeError("reference_fn must be callable (returning a capability loss)")
+        if reference_fn is not None and (isinstance(reference_fn, torch.nn.Module) or not _binds_no_args(reference_fn)):
+            raise TypeError(
+                f"reference_fn is called with no arguments and returns the capability loss, e.g. "
+                f"reference_fn=lambda: loss_fn(model, next(batches)); got "
+                f"{'a torch.nn.Module (the model?)' if isinstance(reference_fn, torch.nn.Module) else 'a callable that needs arguments'}"
+                f" (atax_kernels.hf.attach(reference=...) is the one that takes (model) -> loss)")
         if isinstance(refresh_every, bool) or not isinstance(refresh_every, int) or refresh_every < 1:
             raise ValueError(f"refresh_every must be a positive int, got {refresh_every!r}")
         if backend is not None:

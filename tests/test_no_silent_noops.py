@@ -345,3 +345,47 @@ def test_load_plain_inner_optimizer_checkpoint():
     assert wrapped.optimizer.state_dict()["state"][0]["step"] == 2
     assert bool(wrapped.last_stats.projected)
     assert wrapped._steps == 1 and not wrapped._ema
+
+
+# --- items 4, 5, 6: attach ------------------------------------------------------------------------------------
+
+def _fake_trainer():
+    import types
+
+    args = types.SimpleNamespace(optim="adamw_torch", gradient_checkpointing=False, gradient_checkpointing_kwargs=None)
+    return types.SimpleNamespace(args=args, is_deepspeed_enabled=False, model=torch.nn.Linear(2, 2), optimizer=None,
+                                 training_step=lambda *a: None, log=lambda *a: None, add_callback=lambda c: None,
+                                 remove_callback=lambda c: None, accelerator=types.SimpleNamespace())
+
+
+def test_attach_refuses_a_model_or_a_zero_arg_loss_callable():
+    pytest.importorskip("transformers")
+    from atax_kernels.integrations.hf import EMA, CapabilitySource, attach
+
+    t = _fake_trainer()
+    loss = t.model(torch.ones(2)).sum()
+    with pytest.raises(TypeError, match="reference is a torch.nn.Module .*capability batches"):
+        attach(t, reference=t.model)
+    with pytest.raises(TypeError, match="torch.nn.Module"):
+        attach(t, reference=torch.nn.Sequential(torch.nn.Linear(2, 2)))  # iterable, but still a model
+    with pytest.raises(TypeError, match=r"takes the model: \(model\) -> loss.*reference_fn"):
+        attach(t, reference=lambda: loss)
+    with pytest.raises(TypeError, match=r"takes the model"):
+        EMA(lambda: loss)  # an EMA's source follows the same convention
+    with pytest.raises(TypeError, match="tensor"):
+        attach(t, reference=loss)
+    with pytest.raises(TypeError, match=r"loss_fn must take \(model, batch\)"):
+        CapabilitySource([{"x": 1}], loss_fn=lambda m: loss)
+    with pytest.raises(TypeError, match=r"loss_fn must take \(model\)"):
+        CapabilitySource(None, loss_fn=lambda: loss)
+    h = attach(t, reference=lambda model: loss)  # the convention attach documents
+    h.detach()
+
+
+def test_projected_optimizer_reference_fn_says_what_it_expects():
+    model = _model()
+    with pytest.raises(TypeError, match=r"called with no arguments.*torch.nn.Module.*attach"):
+        ProjectedOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), reference_fn=model)
+    with pytest.raises(TypeError, match=r"called with no arguments.*needs arguments.*\(model\) -> loss"):
+        ProjectedOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), reference_fn=lambda m: m)
+    ProjectedOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), reference_fn=lambda: None)

@@ -107,8 +107,13 @@ class CapabilitySource:
                                     or not isinstance(batches, Iterable)):
             raise TypeError(f"batches must be an iterable of batches (a DataLoader, a list of dicts), "
                             f"got {type(batches).__name__}")
+        if batches is not None:
+            _refuse_model_or_tensor(batches, "batches")
         if loss_fn is not None and not callable(loss_fn):
             raise TypeError("loss_fn must be callable")
+        if loss_fn is not None and not _binds(loss_fn, 1 if batches is None else 2):
+            want = "(model) -> loss (no batches given)" if batches is None else "(model, batch) -> loss"
+            raise TypeError(f"loss_fn must take {want}")
         self.batches, self.loss_fn = batches, loss_fn
         self._it = None
 
@@ -133,20 +138,49 @@ class CapabilitySource:
         return f"CapabilitySource(batches={type(self.batches).__name__}, loss_fn={self.loss_fn!r})"
 
 
+def _binds(fn: Callable[..., Any], n: int) -> bool:
+    """Whether ``fn`` can be called with ``n`` positional arguments (True when its signature is unknown)."""
+    try:
+        sig = inspect.signature(fn)
+    except (TypeError, ValueError):
+        return True
+    try:
+        sig.bind(*([None] * n))
+    except TypeError:
+        return False
+    return True
+
+
+_REFERENCE_KINDS = ("capability batches (model(**batch).loss is used), a callable (model) -> loss, "
+                    "CapabilitySource(batches, loss_fn=...), EMA(...) or a Subspace")
+
+
+def _refuse_model_or_tensor(value: Any, name: str) -> None:
+    if isinstance(value, torch.nn.Module):
+        raise TypeError(f"{name} is a torch.nn.Module ({type(value).__name__}): attach() does not take a model as "
+                        f"the reference (it uses the trainer's own model); pass {_REFERENCE_KINDS}")
+    if isinstance(value, torch.Tensor):
+        raise TypeError(f"{name} is a tensor (a loss computed once?): the capability loss must be recomputed at "
+                        f"every refresh; pass {_REFERENCE_KINDS}")
+
+
 def _as_source(reference: Any) -> CapabilitySource:
     if isinstance(reference, CapabilitySource):
         return reference
     if isinstance(reference, (Subspace, EMA)):
         raise TypeError(f"{type(reference).__name__} cannot be the source of an EMA")
+    _refuse_model_or_tensor(reference, "reference")
     if callable(reference) and not isinstance(reference, Iterable):
-        try:
-            n = len([p for p in inspect.signature(reference).parameters.values()
-                     if p.default is p.empty and p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)])
-        except (TypeError, ValueError):
-            n = 1
-        if n > 1:
-            raise TypeError("a reference callable takes (model) and returns the capability loss; for "
-                            "(model, batch) pass CapabilitySource(batches, loss_fn=...)")
+        if not _binds(reference, 1):
+            if _binds(reference, 2):
+                raise TypeError("a reference callable takes (model) and returns the capability loss; for "
+                                "(model, batch) pass CapabilitySource(batches, loss_fn=...)")
+            if _binds(reference, 0):
+                raise TypeError("a reference callable for attach() takes the model: (model) -> loss (attach passes "
+                                "the trainer's DDP/FSDP-wrapped module); got one that takes no arguments. Use "
+                                "reference=lambda model: ... (ProjectedOptimizer(reference_fn=...) is the one "
+                                "called with no arguments)")
+            raise TypeError("a reference callable takes (model) and returns the capability loss")
         return CapabilitySource(None, reference)
     return CapabilitySource(reference)
 
@@ -595,7 +629,8 @@ def attach(
         reference: the capability reference. One of
 
             * an iterable of batches (``DataLoader``, list of dicts): the loss is ``model(**batch).loss``;
-            * a callable ``(model) -> loss``;
+            * a callable ``(model) -> loss``, called with the trainer's (DDP/FSDP-wrapped) model (unlike
+              ``ProjectedOptimizer(reference_fn=...)``, which is called with no arguments);
             * :class:`CapabilitySource` ``(batches, loss_fn=lambda model, batch: ...)``;
             * :class:`EMA` ``(source, beta=0.9)``: a persistent moving average of such gradients;
             * an :class:`~atax_kernels.Subspace` over the optimizer's parameters (in ``param_groups`` order):
@@ -615,7 +650,8 @@ def attach(
     Raises:
         NotImplementedError: DeepSpeed, optimizer-in-backward (LOMO/AdaLomo, layer-wise GaLore, post-accumulate
             grad hooks), reentrant gradient checkpointing; the message says what to use instead.
-        TypeError, ValueError: bad arguments, or a trainer that already has atax attached.
+        TypeError, ValueError: bad arguments (among them a model, a tensor or a zero-argument callable as
+            ``reference``), or a trainer that already has atax attached.
     """
     _check_supported(trainer)
     for name in ("training_step", "log", "add_callback", "remove_callback", "accelerator", "args"):
