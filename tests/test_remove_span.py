@@ -131,6 +131,23 @@ def test_block_boundaries_and_large_rank(backend, device):
     _check(targets, bases, stats, expected, [torch.float32] * len(shapes))
 
 
+@pytest.mark.parametrize("layout", ["contiguous", "transposed"])
+def test_cpu_blas_path_without_avx512(layout, monkeypatch):
+    """The path CPUs without AVX-512 take for r <= 128 (forced here with ATAX_CPU_NO_AVX512=1)."""
+    if "cpu" not in BACKENDS:
+        pytest.skip("cpu backend unavailable")
+    monkeypatch.setenv("ATAX_CPU_NO_AVX512", "1")
+    gen = torch.Generator().manual_seed(12)
+    shapes = [(100, 48, 8), (9, 30, 30), (40, 24, 5)]
+    cpu = torch.device("cpu")
+    for dt in (torch.float32, torch.bfloat16):
+        targets = [_make_target(o, i, dt, layout, gen, cpu) for o, i, _ in shapes]
+        bases = [_orth(i, r, gen).float() for _, i, r in shapes]
+        expected = [_oracle(t, u) for t, u in zip(targets, bases)]
+        stats = remove_span_(targets, bases, backend="cpu")
+        _check(targets, bases, stats, expected, [dt] * len(shapes))
+
+
 def test_triton_large_rank_falls_back_to_torch(device):
     if "triton" not in BACKENDS:
         pytest.skip("triton backend unavailable")
@@ -280,3 +297,29 @@ def test_opcheck_triton():
 
     ws, bases = _opcheck_samples()
     torch.library.opcheck(torch.ops.atax_triton.remove_span_.default, (ws, bases))
+
+
+# ----------------------------------------------------------------------------- benchmark CLI
+def test_bench_cli_end_to_end(tmp_path, capsys):
+    """`python -m atax_kernels.bench remove-span` at tiny size (timing is never asserted)."""
+    import json
+    import re
+
+    from atax_kernels.bench import core
+
+    md, js = tmp_path / "rs.md", tmp_path / "rs.json"
+    rc = core.main(["remove-span", "--div", "64", "--gpt2-layers", "1", "--llama-layers", "1", "--ranks", "4,16",
+                    "--dtype", "fp32,bf16", "--repeat", "1", "--no-progress", "--markdown", str(md),
+                    "--json", str(js)])
+    out = capsys.readouterr().out
+    assert rc == 0, out
+    text = md.read_text()
+    assert "git commit" in text and "stream triad" in text
+    records = json.loads(js.read_text())["records"]
+    impls = {r["impl"] for r in records}
+    assert {"torch.matmul x2", "atax[torch]"} <= impls, impls
+    assert {r["set"] for r in records} == {"gpt2-small", "llama-7b x1 layers"}
+    for rec in records:  # every implementation agrees with the float64 oracle
+        assert rec["rel_err"] < (1e-5 if rec["dtype"] == "fp32" else 2e-2), rec
+        assert rec["ms_min"] > 0 and rec["roofline_ms"] > 0
+    assert re.search(r"\| gpt2-small \| bf16 \| 16 \| atax\[torch\] \| [0-9.]+ \|", text)

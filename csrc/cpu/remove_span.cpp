@@ -358,7 +358,9 @@ at::Tensor remove_span_cpu(at::TensorList targets, const c10::List<std::optional
   at::Tensor stats = at::zeros({n, 2}, at::TensorOptions().dtype(at::kDouble));
   if (n == 0) return stats;
 #if ATAX_X86
-  const bool micro = has_avx512();
+  // ATAX_CPU_NO_AVX512=1 takes the BLAS path everywhere (lets tests cover what non-AVX-512 CPUs run)
+  const char* no_micro = std::getenv("ATAX_CPU_NO_AVX512");
+  const bool micro = has_avx512() && !(no_micro && no_micro[0] == '1');
 #else
   const bool micro = false;
 #endif
