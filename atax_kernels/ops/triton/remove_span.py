@@ -1,6 +1,8 @@
 """atax_triton::remove_span_ -- ΔW <- ΔW - (ΔW U) Uᵀ in place for every target, stats per target.
 
-One launch per target (shapes differ), one program per block of ``BLOCK_M`` rows. Pass 1 walks the row block
+One launch per target (shapes differ; on a GPU that is ~5 us each, more than the data time of a small
+model at small r: capture the step in a CUDA graph; one multi-tensor launch is not done yet), one program per block of
+``BLOCK_M`` rows. Pass 1 walks the row block
 in ``BLOCK_K`` column tiles: T += tl.dot(X_tile, U_tile) (T [BLOCK_M, R] stays in registers) and ‖X‖² is
 summed. Pass 2 walks the same tiles again, X_tile - tl.dot(T, U_tileᵀ), and stores it in ΔW's dtype. So ΔW
 is read from DRAM once (pass 2 re-reads the block the same program has just read, from L2) and written once;
@@ -68,14 +70,13 @@ def _rank_pad(r: int) -> int:
 def _impl(targets: list[torch.Tensor], bases: list[torch.Tensor | None]) -> torch.Tensor:
     n = len(targets)
     device = targets[0].device
-    stats = torch.zeros((n, 2), dtype=torch.float64, device=device)
     converted: dict[int, torch.Tensor] = {}
     big_t, big_u, big_i = [], [], []
+    launches = []
     for i, (w, u) in enumerate(zip(targets, bases)):
-        d_out, d_in = w.shape
+        r = 0 if u is None else u.shape[1]
         if w.numel() == 0:
             continue
-        r = 0 if u is None else u.shape[1]
         if r > MAX_RANK or r == 0:
             big_t.append(w)
             big_u.append(u)
@@ -83,18 +84,24 @@ def _impl(targets: list[torch.Tensor], bases: list[torch.Tensor | None]) -> torc
             continue
         if id(u) not in converted:
             converted[id(u)] = u.to(torch.float32).contiguous()
-        u32 = converted[id(u)]
-        grid = (triton.cdiv(d_out, BLOCK_M),)
-        part = torch.empty((grid[0], 2), dtype=torch.float64, device=device)
-        with torch.cuda.device(device) if device.type == "cuda" else _nullctx():
-            torch.library.wrap_triton(_remove_span_kernel)[grid](
-                w, u32, part, d_out, d_in, r, w.stride(0), w.stride(1),
+        launches.append((i, w, converted[id(u)], r))
+    # one zeroed [n, programs, 2] table of float64 partials, one reduction for every target (fixed order, no
+    # atomics, no per-target reduction launches)
+    progs = max((triton.cdiv(w.shape[0], BLOCK_M) for _, w, _, _ in launches), default=1)
+    part = torch.zeros((n, progs, 2), dtype=torch.float64, device=device)
+    with torch.cuda.device(device) if device.type == "cuda" else _nullctx():
+        for i, w, u32, r in launches:
+            d_out, d_in = w.shape
+            torch.library.wrap_triton(_remove_span_kernel)[(triton.cdiv(d_out, BLOCK_M),)](
+                w, u32, part[i], d_out, d_in, r, w.stride(0), w.stride(1),
                 R=_rank_pad(r), BLOCK_M=BLOCK_M, BLOCK_K=BLOCK_K,
             )
-        stats[i] = part.sum(0)
+    stats = part.sum(1)
     if big_t:
         # r > MAX_RANK: matmul-bound, cuBLAS through the torch path; r == 0: only the norm is read
-        stats[big_i] = remove_span_torch(big_t, big_u)
+        sub = remove_span_torch(big_t, big_u)
+        for j, i in enumerate(big_i):
+            stats[i] = sub[j]
     return stats
 
 
