@@ -882,7 +882,7 @@ class ActivationSubspace:
     def observe_loader(self, loader: Iterable[Any], *, side: str = "capability",
                        forward: Callable[[nn.Module, Any], Any] | None = None,
                        max_batches: int | None = None) -> int:
-        """Observe every batch of ``loader`` (no grad) and return the number of batches.
+        """Observe every batch of ``loader`` (no grad, model in eval mode) and return the number of batches.
 
         A batch may be a dict (HF style: passed as keywords, ``labels`` dropped, its ``attention_mask``
         excludes padding), a tensor (passed as the model's input) or a tuple/list (its first element is the
@@ -891,6 +891,7 @@ class ActivationSubspace:
         n = 0
         device = next((p.device for p in self.model.parameters()), torch.device("cpu"))
         was_training = self.model.training
+        self.model.eval()  # capability inputs as inference sees them: no dropout noise widening the span
         with torch.no_grad():
             for batch in loader:
                 if max_batches is not None and n >= max_batches:

@@ -52,6 +52,7 @@ import torch
 from .. import _validate as V
 from ..projection import GRANULARITIES, MODES, ProjectionStats, project_
 from ..subspace import Subspace
+from ..activation import ActivationSubspace
 
 __all__ = ["attach", "AtaxHandle", "EMA", "CapabilitySource", "REFERENCE_FILE"]
 
@@ -373,14 +374,16 @@ class AtaxHandle:
         orig_load = getattr(t, "_load_optimizer_and_scheduler", None)
 
         def training_step(*args: Any, **kwargs: Any) -> Any:
-            loss = orig_step(*args, **kwargs)
+            with handle._observe_training_batch(args, kwargs):
+                loss = orig_step(*args, **kwargs)
             if t.accelerator.sync_gradients:
                 model = args[0] if args else kwargs["model"]
                 handle._on_sync_step(model)
             return loss
 
         def log(logs: dict[str, float], *args: Any, **kwargs: Any) -> Any:
-            if handle._unlogged and handle.last_stats is not None:
+            if handle._unlogged and (handle.last_stats is not None
+                                     or getattr(handle, "last_activation", None) is not None):
                 logs = dict(logs)
                 logs.update(handle.log_values())
                 handle._unlogged = False
@@ -422,6 +425,9 @@ class AtaxHandle:
             t.remove_callback(self.callback)
         if getattr(t, "_atax_handle", None) is self:
             del t._atax_handle
+        for h in getattr(self, "_act_hooks", []):
+            h.remove()
+        self._act_hooks, self._act_opt = [], None
         self._attached = False
         self._live = None
 
@@ -476,6 +482,8 @@ class AtaxHandle:
 
     def _on_sync_step(self, model: torch.nn.Module) -> None:
         params = self._params()
+        if isinstance(self.reference, ActivationSubspace):
+            return self._activation_sync_step(params)
         if _post_accumulate_hooked(params):
             raise NotImplementedError("atax: parameters gained post-accumulate-grad hooks after attach(): "
                                       + _OIB_MSG.format(what="register_post_accumulate_grad_hook"))
@@ -525,8 +533,67 @@ class AtaxHandle:
             self._live = None   # not reused: free it now
 
     # -- logging -------------------------------------------------------------------------------------------
+    # -- activation subspace (reference=ActivationSubspace) ------------------------------------------------
+    def _observe_training_batch(self, args: tuple, kwargs: dict) -> Any:
+        """With an ActivationSubspace of contrast > 0: the training batch's own forward is the safety side."""
+        sub = self.reference
+        if not isinstance(sub, ActivationSubspace) or sub.contrast == 0:
+            return contextlib.nullcontext()
+        inputs = args[1] if len(args) > 1 else kwargs.get("inputs")
+        mask = inputs.get("attention_mask") if isinstance(inputs, Mapping) else None
+        return sub.observe(side="safety", attention_mask=mask)
+
+    def _activation_sync_step(self, params: list[torch.Tensor]) -> None:
+        """Refresh the bases when due and make sure the optimizer's step projects its realised update."""
+        sub = self.reference
+        if self._resume_state is not None:
+            self._apply_resume_state(params)
+        due = self.steps % self.refresh_every == 0 and (self.steps > 0 or sub.contrast > 0 or sub.updates == 0)
+        if due and sub.loader is not None:
+            sub.refresh()
+        elif due:
+            sub.update()
+        self.steps += 1
+        opt = self.trainer.optimizer
+        while isinstance(getattr(opt, "optimizer", None), torch.optim.Optimizer):
+            opt = opt.optimizer   # accelerate's AcceleratedOptimizer wraps the torch optimizer
+        if getattr(self, "_act_opt", None) is not opt:
+            for h in getattr(self, "_act_hooks", []):
+                h.remove()
+            self._act_opt = opt
+            self._act_hooks = [opt.register_step_pre_hook(lambda o, a, k: self._act_before_step()),
+                               opt.register_step_post_hook(lambda o, a, k: self._act_after_step())]
+
+    def _act_before_step(self) -> None:
+        managed = {id(p) for p in self._params()}
+        self._act_params = [p for p in self.reference.parameters() if id(p) in managed]
+        self._act_deltas = [_local_tensor(p.detach()).clone() for p in self._act_params]
+
+    @torch.no_grad()
+    def _act_after_step(self) -> None:
+        params, deltas = getattr(self, "_act_params", None), getattr(self, "_act_deltas", None)
+        self._act_params = self._act_deltas = None
+        if not params:
+            return
+        now = [_local_tensor(p.detach()) for p in params]
+        torch._foreach_sub_(deltas, now)
+        torch._foreach_neg_(deltas)        # realised update dW = new - old
+        torch._foreach_sub_(now, deltas)   # back to old
+        self.last_activation = self.reference.project_updates_(params, deltas, backend=self.backend)
+        torch._foreach_add_(now, deltas)   # old + projected dW
+        self._unlogged = True
+
+    def _activation_log_values(self) -> dict[str, float]:
+        a = getattr(self, "last_activation", None)
+        if a is None:
+            return {}
+        return {"atax/feature_rank_mean": float(a.feature_rank_mean),
+                "atax/update_removed_fraction": float(a.update_removed_fraction)}
+
     def log_values(self) -> dict[str, float]:
         """The ``atax/*`` values of the latest projection, as Python floats (one host sync)."""
+        if isinstance(self.reference, ActivationSubspace):
+            return self._activation_log_values()
         s = self.last_stats
         if s is None:
             return {}
@@ -560,6 +627,8 @@ class AtaxHandle:
             state["ema"] = ref.state_dict()
         if isinstance(ref, Subspace):
             state["subspace"] = ref.state_dict()
+        if isinstance(ref, ActivationSubspace):
+            state["activation"] = ref.state_dict()
         return state
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
@@ -575,6 +644,8 @@ class AtaxHandle:
         self.steps = int(state["steps"])
         if isinstance(self.reference, EMA) and "ema" in state:
             self.reference.load_state_dict(state["ema"], params)
+        if isinstance(self.reference, ActivationSubspace) and "activation" in state:
+            self.reference.load_state_dict(state["activation"])
         if isinstance(self.reference, Subspace) and "subspace" in state:
             self.reference.load_state_dict(state["subspace"])
 
@@ -610,6 +681,10 @@ class AtaxHandle:
 _MISSING = object()
 
 
+def _local_tensor(t: torch.Tensor) -> torch.Tensor:
+    return t.to_local() if hasattr(t, "to_local") else t
+
+
 def attach(
     trainer: Any,
     *,
@@ -634,7 +709,14 @@ def attach(
             * :class:`CapabilitySource` ``(batches, loss_fn=lambda model, batch: ...)``;
             * :class:`EMA` ``(source, beta=0.9)``: a persistent moving average of such gradients;
             * an :class:`~atax_kernels.Subspace` over the optimizer's parameters (in ``param_groups`` order):
-              fixed directions, no extra backward.
+              fixed directions, no extra backward;
+            * an :class:`~atax_kernels.ActivationSubspace` (e.g. ``ActivationSubspace.from_loader(model,
+              capability_loader, energy=0.99)``): no gradient is projected; instead the realised update of every
+              protected parameter is projected after each optimizer step (step hooks on the torch optimizer,
+              weight decay included), and every ``refresh_every`` steps the loader is observed again (one
+              no-grad forward pass over it) and the bases updated. With ``contrast`` > 0 the training batch's
+              own forward is observed as the safety side. Logs ``atax/feature_rank_mean`` and
+              ``atax/update_removed_fraction``; the bases are saved in checkpoints.
         mode, strength, granularity, backend: as in :func:`atax_kernels.project_`.
         refresh_every: recompute the capability gradient every this many optimizer steps (reusing the
             previous live reference, or the EMA, in between). Each refresh costs one forward + backward.
@@ -671,7 +753,11 @@ def attach(
     if reference is None:
         raise ValueError("reference is required: capability batches, a callable (model) -> loss, EMA(...), "
                          "or a Subspace")
-    if isinstance(reference, Subspace):
+    if isinstance(reference, ActivationSubspace):
+        if reference_dtype is not None:
+            warnings.warn("reference_dtype is ignored for an ActivationSubspace reference", stacklevel=2)
+        ref: Any = reference
+    elif isinstance(reference, Subspace):
         if reference_dtype is not None:
             warnings.warn("reference_dtype is ignored for a Subspace reference (its dtype is fixed at creation)",
                           stacklevel=2)
