@@ -1,12 +1,12 @@
-"""The end-to-end demo in its CI size: every method present, values in range, deterministic, and the
-recommended recipe beats plain fine-tuning."""
+"""The end-to-end demo in its CI size: both tasks, every quick method present, held-out and train-split scores
+in range, deterministic in and out of worker processes, and the report/plot written."""
 from __future__ import annotations
 
 import json
 
 import pytest
 
-from atax_kernels import demo
+from atax_kernels import demo, tasks
 
 
 @pytest.fixture(scope="module")
@@ -15,25 +15,26 @@ def quick_runs(tmp_path_factory):
     mp = pytest.MonkeyPatch()
     mp.setenv("ATAX_CACHE_DIR", str(cache))
     try:
-        # pretrains and caches the base; trains in this process
+        # pretrains and caches the bases; trains in this process
         first = demo.run(quick=True, progress=False, log=lambda *_: None, jobs=1)
-        # loads the cached base; trains in 2 worker processes (rows must not depend on that)
+        # loads the cached bases; trains in 2 worker processes (rows must not depend on that)
         second = demo.run(quick=True, progress=False, log=lambda *_: None, jobs=2)
     finally:
         mp.undo()
     return first, second
 
 
-def test_every_method_reported_with_values_in_range(quick_runs, tmp_path):
+def test_every_method_on_every_task_with_held_out_and_train_scores(quick_runs, tmp_path):
     rows, _ = quick_runs
-    names = {r["method"].split(" 0.")[0] if r["method"].startswith("interp") else r["method"] for r in rows}
-    expected = {m.name for m in demo.methods(quick=True)}
-    assert expected <= names | {"interp"}
+    expected = {m.name for m in demo.methods(quick=True)} - {"interp"} | {f"interp {a}" for a in demo.INTERP_ALPHAS}
+    for task in tasks.TASKS:
+        names = {r["method"] for r in rows if r["task"] == task}
+        assert names == expected, (task, names ^ expected)
     for r in rows:
-        for key in ("capability", "safety", "over_refusal", "ece"):
+        for key in ("capability", "capability_train", "safety", "safety_train", "over_refusal", "ece"):
             assert 0.0 <= r[key] <= 1.0, (r["method"], key, r[key])
         assert r["tax_ci"][0] <= r["tax"] <= r["tax_ci"][1]
-        assert {"method", "capability", "safety", "lr"} <= set(r)
+        assert r["extra_forward"] >= 0 and r["extra_backward"] >= 0
     path = tmp_path / "rows.json"
     path.write_text(json.dumps(rows))
     assert len(json.loads(path.read_text())) == len(rows)
@@ -45,17 +46,50 @@ def test_two_runs_give_identical_numbers_in_and_out_of_worker_processes(quick_ru
     assert strip(first) == strip(second)
 
 
-def test_recommended_recipe_keeps_more_capability_than_plain(quick_runs):
+def test_matched_compute_columns(quick_runs):
     rows, _ = quick_runs
-    plain = {r["lr"]: r for r in rows if r["method"] == "plain"}
-    rec = {r["lr"]: r for r in rows if r["method"] == "recommended"}
-    lr = 3e-4
-    # Measured (quick, seed 0, lr 3e-4): plain keeps 0.004-0.009 at safety 1.000; recommended 0.845-0.858 at
-    # 1.000 (the ranges: two machines, AVX2 Xeon and AVX-512 EPYC).
-    assert rec[lr]["safety"] >= plain[lr]["safety"] - 0.05
-    assert rec[lr]["capability"] >= plain[lr]["capability"] + 0.4
+    cost = {r["method"]: (r["extra_forward"], r["extra_backward"]) for r in rows}
+    assert cost["plain"] == (0.0, 0.0)
+    assert cost["ptx 1.0"] == (1.0, 1.0)
+    assert cost["grad: loss ref"] == (1.0, 1.0)
+    fwd, bwd = cost["act e0.99 c0"]
+    assert 0 < fwd < 1 and bwd == 0.0  # a no-grad capability forward every 10 steps, no extra backward
 
 
-def test_bad_jobs_is_a_clear_error():
+def test_ptx_keeps_more_held_out_capability_than_plain(quick_runs):
+    rows, _ = quick_runs
+    at = {(r["task"], r["method"], r["lr"]): r for r in rows}
+    # Measured (quick, seed 0): modular plain 0.00-0.01 / ptx 1.0 0.96 at held-out safety 1.0.
+    for lr in demo.QUICK_LRS:
+        plain, ptx = at[("modular", "plain", lr)], at[("modular", "ptx 1.0", lr)]
+        assert plain["safety"] >= 0.95 and plain["capability"] <= 0.1, plain
+        assert ptx["capability"] >= plain["capability"] + 0.5, (ptx, plain)
+
+
+def test_report_and_plot(quick_runs, tmp_path):
+    rows, _ = quick_runs
+    text = demo.markdown_report(rows, ["--quick"], 1.0)
+    for needle in ("machine:", "git commit:", "held-out", "### task `modular`", "### task `overflow`", "Columns:"):
+        assert needle in text
+    png = tmp_path / "demo.png"
+    demo.plot(rows, str(png))
+    assert png.stat().st_size > 10_000
+
+
+def test_aggregate_mean_and_std_over_seeds():
+    rows = [dict(task="t", method="m", lr=1e-3, family="f", dial=None, seed=s, extra_forward=0.0, extra_backward=0.0,
+                 capability=c, capability_train=1.0, safety=1.0, safety_train=1.0, over_refusal=0.0, tax=0.0,
+                 ece=0.0, entropy=0.0, seconds=1.0) for s, c in ((0, 0.2), (1, 0.4), (2, 0.6))]
+    (agg,) = demo.aggregate(rows)
+    assert agg["n_seeds"] == 3
+    assert agg["capability"] == pytest.approx(0.4)
+    assert agg["capability_std"] == pytest.approx(0.2)
+
+
+def test_bad_arguments_are_clear_errors():
     with pytest.raises(ValueError, match="jobs must be >= 1"):
         demo.run(quick=True, progress=False, log=lambda *_: None, jobs=0)
+    with pytest.raises(ValueError, match="unknown task"):
+        demo.run(quick=True, progress=False, log=lambda *_: None, task_names=["nope"])
+    with pytest.raises(SystemExit):
+        demo.main(["--quick", "--full"])

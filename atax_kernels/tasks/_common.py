@@ -536,8 +536,7 @@ class _Run:
             loss.backward()
             opt.step()
             opt.zero_grad(set_to_none=True)
-            stats = getattr(opt, "last_stats", None)
-            frac = getattr(stats, "update_removed_fraction", None) if stats is not None else None
-            if frac is not None:
-                self.removed.append(float(frac))
+            act = getattr(opt.last_stats, "activation", None)
+            if act is not None:
+                self.removed.append(float(act.update_removed_fraction))
         self.info["feature_rank_mean"] = sum(ranks) / max(1, len(ranks))
