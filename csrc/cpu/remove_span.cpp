@@ -365,10 +365,13 @@ at::Tensor remove_span_cpu(at::TensorList targets, const c10::List<std::optional
   const bool micro = false;
 #endif
 
-  std::unordered_map<const void*, BasisF32> converted;  // fp32 copies once per distinct basis tensor
+  // Targets grouped by basis tensor (q/k/v share one), in order of first appearance. Each group converts its
+  // basis (fp32, padded, transposed) just before its blocks run and frees it after, so the extra memory is one
+  // basis's copies plus the per-thread block scratch, never a copy of every basis at once.
   std::vector<Plan> plans(static_cast<size_t>(n));
-  std::vector<Job> jobs;
-  int64_t max_x = 0, max_t = 0;
+  std::vector<const void*> group_key;
+  std::vector<std::vector<int64_t>> group_members;
+  std::unordered_map<const void*, size_t> group_of;
   for (int64_t i = 0; i < n; ++i) {
     Plan& p = plans[i];
     p.t = targets[i];
@@ -376,33 +379,11 @@ at::Tensor remove_span_cpu(at::TensorList targets, const c10::List<std::optional
     p.d_in = p.t.size(1);
     p.s0 = p.t.stride(0);
     p.s1 = p.t.stride(1);
-    p.r = 0;
     p.u = p.up = p.ut = nullptr;
-    p.nc = 0;
     const std::optional<at::Tensor> ub = bases.get(i);
-    if (ub.has_value() && ub->defined() && ub->size(1) > 0) {
-      const at::Tensor& u = *ub;
-      p.r = u.size(1);
-      if (micro && p.r <= 16 * kMaxVecCols) p.nc = static_cast<int>((p.r + 15) / 16);
-      const void* key = u.unsafeGetTensorImpl();
-      auto it = converted.find(key);
-      if (it == converted.end()) {
-        BasisF32 b;
-        b.u = u.to(at::kFloat).contiguous();
-        if (p.nc > 0) {
-          b.up = at::zeros({p.d_in, 16 * p.nc}, b.u.options());
-          b.up.narrow(1, 0, p.r).copy_(b.u);
-          b.ut = b.u.t().contiguous();
-        }
-        it = converted.emplace(key, std::move(b)).first;
-      }
-      p.u = it->second.u.data_ptr<float>();
-      if (p.nc > 0) {
-        p.up = it->second.up.data_ptr<float>();
-        p.ut = it->second.ut.data_ptr<float>();
-      }
-    }
-    if (p.t.numel() == 0) continue;
+    const bool has = ub.has_value() && ub->defined() && ub->size(1) > 0;
+    p.r = has ? ub->size(1) : 0;
+    p.nc = (has && micro && p.r <= 16 * kMaxVecCols) ? static_cast<int>((p.r + 15) / 16) : 0;
     const bool fp32 = p.t.scalar_type() == at::kFloat;
     // Column-major fp32 (a Conv1D weight's .t()) runs in place only on the BLAS path: the microkernels are
     // faster on a compact copy (measured 41 vs 60 ms for GPT-2 small at r = 16): a block's columns lie
@@ -411,73 +392,111 @@ at::Tensor remove_span_cpu(at::TensorList targets, const c10::List<std::optional
     else if (fp32 && p.nc == 0 && p.s0 == 1 && (p.s1 >= p.d_out || p.d_in == 1)) p.layout = 1;
     else p.layout = 2;
     p.col = p.s0 == 1 && p.s1 != 1;
-    int64_t rows = p.r > kLargeRank ? kLargeRows : kBlockBytes / (4 * p.d_in);
-    rows = std::min(p.d_out, std::max<int64_t>(16, rows / 16 * 16));
-    for (int64_t r0 = 0; r0 < p.d_out; r0 += rows) jobs.push_back(Job{i, r0, std::min(rows, p.d_out - r0)});
-    if (p.layout == 2 || p.r == 0) max_x = std::max(max_x, rows * p.d_in);
-    max_t = std::max(max_t, rows * std::max<int64_t>(p.r, 16 * p.nc));
-  }
-  const int64_t nj = static_cast<int64_t>(jobs.size());
-  std::vector<double> before(static_cast<size_t>(nj), 0.0), removed(static_cast<size_t>(nj), 0.0);
-
-  at::parallel_for(0, nj, 1, [&](int64_t jb, int64_t je) {
-    Buf xbuf = alloc_floats(max_x), tbuf = alloc_floats(max_t), ttbuf = alloc_floats(max_t);
-    for (int64_t j = jb; j < je; ++j) {
-      const Job& job = jobs[j];
-      const Plan& p = plans[job.target];
-      const int64_t rows = job.rows, off = job.row0 * p.s0;
-      float* x;
-      int64_t xs0, xs1;
-      const bool copy = p.layout == 2 || p.r == 0;
-      if (copy) {
-        x = xbuf.get();
-        xs0 = p.col ? 1 : p.d_in;
-        xs1 = p.col ? rows : 1;
-        with_dtype(p.t.scalar_type(), [&](auto* tag) {
-          using T = std::remove_pointer_t<decltype(tag)>;
-          gather(static_cast<const T*>(p.t.data_ptr()) + off, rows, p.d_in, p.s0, p.s1, p.col, x);
-        });
-      } else {
-        x = p.t.data_ptr<float>() + off;
-        xs0 = p.s0;
-        xs1 = p.s1;
-      }
-      before[j] = sq_sum(x, rows, p.d_in, xs0, xs1);
-      if (p.r == 0) continue;  // nothing to remove: the target is never written
-      float* t = tbuf.get();
-      const bool colmajor = xs0 == 1 && !(xs1 == 1 && (xs0 >= p.d_in || rows == 1));
-#if ATAX_X86
-      if (p.nc > 0) {
-        const int64_t rp = 16 * p.nc;
-        t_block(p.nc, x, rows, xs0, xs1, p.d_in, p.up, t);
-        removed[j] = sq_sum(t, rows, rp, rp, 1);  // padded columns are exact zeros
-        if (colmajor) {
-          float* tt = ttbuf.get();
-          for (int64_t m = 0; m < rows; ++m)
-            for (int64_t c = 0; c < p.r; ++c) tt[c * rows + m] = t[m * rp + c];
-          sub_colmajor(x, rows, xs1, p.d_in, tt, rows, p.u, p.r, p.r);
-        } else {
-          sub_rowmajor(x, rows, xs0, p.d_in, t, rp, p.ut, p.r);
-        }
-      } else
-#endif
-      {
-        project_block(x, rows, p.d_in, xs0, xs1, p.u, p.r, t);
-        removed[j] = sq_sum(t, rows, p.r, p.r, 1);
-      }
-      if (copy) {
-        with_dtype(p.t.scalar_type(), [&](auto* tag) {
-          using T = std::remove_pointer_t<decltype(tag)>;
-          scatter(x, rows, p.d_in, p.s0, p.s1, p.col, static_cast<T*>(p.t.data_ptr()) + off);
-        });
-      }
+    if (p.t.numel() == 0) continue;
+    const void* key = has ? static_cast<const void*>(ub->unsafeGetTensorImpl()) : nullptr;
+    auto it = group_of.find(key);
+    if (it == group_of.end()) {
+      it = group_of.emplace(key, group_key.size()).first;
+      group_key.push_back(key);
+      group_members.emplace_back();
     }
-  });
+    group_members[it->second].push_back(i);
+  }
 
   double* sp = stats.data_ptr<double>();
-  for (int64_t j = 0; j < nj; ++j) {
-    sp[2 * jobs[j].target] += before[j];
-    sp[2 * jobs[j].target + 1] += removed[j];
+  for (size_t g = 0; g < group_key.size(); ++g) {
+    const std::vector<int64_t>& members = group_members[g];
+    BasisF32 b;
+    if (group_key[g] != nullptr) {
+      const int64_t i0 = members[0];
+      const Plan& p0 = plans[i0];
+      b.u = bases.get(i0)->to(at::kFloat).contiguous();
+      if (p0.nc > 0) {
+        if (p0.r % 16 == 0) {
+          b.up = b.u;  // already [d_in, 16 nc]
+        } else {
+          b.up = at::zeros({p0.d_in, 16 * p0.nc}, b.u.options());
+          b.up.narrow(1, 0, p0.r).copy_(b.u);
+        }
+        b.ut = b.u.t().contiguous();
+      }
+    }
+    std::vector<Job> jobs;
+    int64_t max_x = 0, max_t = 0;
+    for (int64_t i : members) {
+      Plan& p = plans[i];
+      if (b.u.defined()) {
+        p.u = b.u.data_ptr<float>();
+        if (p.nc > 0) {
+          p.up = b.up.data_ptr<float>();
+          p.ut = b.ut.data_ptr<float>();
+        }
+      }
+      int64_t rows = p.r > kLargeRank ? kLargeRows : kBlockBytes / (4 * std::max<int64_t>(p.d_in, 1));
+      rows = std::min(p.d_out, std::max<int64_t>(16, rows / 16 * 16));
+      for (int64_t r0 = 0; r0 < p.d_out; r0 += rows) jobs.push_back(Job{i, r0, std::min(rows, p.d_out - r0)});
+      if (p.layout == 2 || p.r == 0) max_x = std::max(max_x, rows * p.d_in);
+      max_t = std::max(max_t, rows * std::max<int64_t>(p.r, 16 * p.nc));
+    }
+    const int64_t nj = static_cast<int64_t>(jobs.size());
+    std::vector<double> before(static_cast<size_t>(nj), 0.0), removed(static_cast<size_t>(nj), 0.0);
+    at::parallel_for(0, nj, 1, [&](int64_t jb, int64_t je) {
+      Buf xbuf = alloc_floats(max_x), tbuf = alloc_floats(max_t), ttbuf = alloc_floats(max_t);
+      for (int64_t j = jb; j < je; ++j) {
+        const Job& job = jobs[j];
+        const Plan& p = plans[job.target];
+        const int64_t rows = job.rows, off = job.row0 * p.s0;
+        float* x;
+        int64_t xs0, xs1;
+        const bool copy = p.layout == 2 || p.r == 0;
+        if (copy) {
+          x = xbuf.get();
+          xs0 = p.col ? 1 : p.d_in;
+          xs1 = p.col ? rows : 1;
+          with_dtype(p.t.scalar_type(), [&](auto* tag) {
+            using T = std::remove_pointer_t<decltype(tag)>;
+            gather(static_cast<const T*>(p.t.data_ptr()) + off, rows, p.d_in, p.s0, p.s1, p.col, x);
+          });
+        } else {
+          x = p.t.data_ptr<float>() + off;
+          xs0 = p.s0;
+          xs1 = p.s1;
+        }
+        before[j] = sq_sum(x, rows, p.d_in, xs0, xs1);
+        if (p.r == 0) continue;  // nothing to remove: the target is never written
+        float* t = tbuf.get();
+        const bool colmajor = xs0 == 1 && !(xs1 == 1 && (xs0 >= p.d_in || rows == 1));
+#if ATAX_X86
+        if (p.nc > 0) {
+          const int64_t rp = 16 * p.nc;
+          t_block(p.nc, x, rows, xs0, xs1, p.d_in, p.up, t);
+          removed[j] = sq_sum(t, rows, rp, rp, 1);  // padded columns are exact zeros
+          if (colmajor) {
+            float* tt = ttbuf.get();
+            for (int64_t m = 0; m < rows; ++m)
+              for (int64_t c = 0; c < p.r; ++c) tt[c * rows + m] = t[m * rp + c];
+            sub_colmajor(x, rows, xs1, p.d_in, tt, rows, p.u, p.r, p.r);
+          } else {
+            sub_rowmajor(x, rows, xs0, p.d_in, t, rp, p.ut, p.r);
+          }
+        } else
+#endif
+        {
+          project_block(x, rows, p.d_in, xs0, xs1, p.u, p.r, t);
+          removed[j] = sq_sum(t, rows, p.r, p.r, 1);
+        }
+        if (copy) {
+          with_dtype(p.t.scalar_type(), [&](auto* tag) {
+            using T = std::remove_pointer_t<decltype(tag)>;
+            scatter(x, rows, p.d_in, p.s0, p.s1, p.col, static_cast<T*>(p.t.data_ptr()) + off);
+          });
+        }
+      }
+    });
+    for (int64_t j = 0; j < nj; ++j) {  // job order: independent of the thread count
+      sp[2 * jobs[j].target] += before[j];
+      sp[2 * jobs[j].target + 1] += removed[j];
+    }
   }
   return stats;
 }
