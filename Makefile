@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 export MAX_JOBS ?= 2
 
-.PHONY: demo demo-full test bench gpu-check build clean
+.PHONY: demo demo-full test bench gpu-check compat build clean
 
 $(VENV)/.installed: pyproject.toml setup.py
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)

@@ -197,6 +197,69 @@ def _split(grams: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tenso
     return grams[..., 1:, 1:], grams[..., 1:, 0], grams[..., 0, 0]
 
 
+def _coefs_k1(grams: torch.Tensor, mode: str, alpha: float) -> torch.Tensor:
+    """Coefficients ``[1]`` (or ``[n, 1]``) for one reference, sync-free, in as few ops as the math allows.
+
+    c = alpha * b / |r|^2 (conflict: min(b, 0)); 0 where |r|^2 = 0 or c overflows, and 0 everywhere when
+    any Gram entry is non-finite (the combine pass then skips the reference, so nothing is written).
+    Finiteness is tested as ``x * 0 != 0`` (true for inf and NaN) on ``c + sum(grams)``: one check covers
+    the division by zero and every Gram entry. 9 ops (10 with alpha < 1); GPU habits: budget the op count.
+    """
+    row = grams.select(-2, 1)  # [..., 2] = (<g, r>, |r|^2)
+    rr = row.narrow(-1, 1, 1)
+    b = row.narrow(-1, 0, 1)
+    if mode != "orthogonal":
+        b = torch.clamp(b, max=0.0)
+    c = b / rr if alpha == 1.0 else (b * alpha) / rr
+    bad = ((c + grams.sum()) * 0.0) != 0.0
+    return c.masked_fill(bad, 0.0)
+
+
+def _stats_fields(grams: torch.Tensor, coefs: torch.Tensor, per_tensor: bool) -> dict[str, torch.Tensor]:
+    """Every :class:`ProjectionStats` field from the Gram(s) and the applied coefficients (no data pass)."""
+    total = grams.sum(0) if per_tensor else grams
+    G_tot, b_tot, gg_tot = _split(total)
+    diag = torch.diagonal(G_tot)
+    nonfinite_grad = ~torch.isfinite(gg_tot)
+    # A reference is blamed when its own norm is non-finite; a NaN cross term with finite norms cannot
+    # happen, but a non-finite b with a finite |g| would point at the reference too.
+    nonfinite_refs = ~torch.isfinite(diag) | (~torch.isfinite(b_tot) & ~nonfinite_grad)
+    all_finite = torch.isfinite(grams).all()
+    denom = torch.sqrt(torch.clamp(gg_tot, min=0) * torch.clamp(diag, min=0))
+    cosines = torch.where(denom > 0, b_tot / torch.where(denom > 0, denom, torch.ones_like(denom)),
+                          torch.zeros_like(b_tot))
+    G = torch.where(all_finite, _split(grams)[0], torch.zeros((), dtype=grams.dtype, device=grams.device))
+    # |g - g'|^2 = c^T G c (per tensor, summed), from the Gram alone: no extra pass.
+    removed_sq = (coefs.unsqueeze(-2) @ G @ coefs.unsqueeze(-1)).squeeze(-1).squeeze(-1)
+    if per_tensor:
+        removed_sq = removed_sq.sum()
+    gg_safe = torch.where(gg_tot > 0, gg_tot, torch.ones_like(gg_tot))
+    removed = torch.where(gg_tot > 0, torch.sqrt(torch.clamp(removed_sq, min=0) / gg_safe),
+                          torch.zeros_like(gg_tot))
+    return dict(dots=b_tot, cosines=cosines, coefs=coefs, removed_fraction=removed,
+                projected=(coefs != 0).any(), skipped=~all_finite,
+                _nonfinite_grad=nonfinite_grad, _nonfinite_refs=nonfinite_refs)
+
+
+class _DeferredStats(ProjectionStats):
+    """:class:`ProjectionStats` whose fields are computed from the Gram on first access.
+
+    The per-step path then runs only the ops the combine pass needs; statistics nobody reads cost nothing.
+    The Gram and coefficients it keeps are the call's own outputs (never written afterwards).
+    """
+
+    def __init__(self, grams: torch.Tensor, coefs: torch.Tensor, per_tensor: bool):  # noqa: D107
+        self.__dict__["_deferred"] = (grams, coefs, per_tensor)
+
+    def __getattr__(self, name: str) -> Any:
+        src = self.__dict__.get("_deferred")
+        if src is None or name.startswith("__"):
+            raise AttributeError(name)
+        self.__dict__.update(_stats_fields(*src))
+        del self.__dict__["_deferred"]
+        return getattr(self, name)
+
+
 def project_(
     grads: Sequence[torch.Tensor] | torch.Tensor,
     refs: Any,
@@ -313,30 +376,19 @@ def _project_resolved(
     grams = impl.gram([grads, *refs], per_tensor)
     if reduce_grams is not None:
         grams = reduce_grams(grams)
-    total = grams.sum(0) if per_tensor else grams
-    G_tot, b_tot, gg_tot = _split(total)
-
-    diag = torch.diagonal(G_tot)
-    nonfinite_grad = ~torch.isfinite(gg_tot)
-    # A reference is blamed when its own norm is non-finite; a NaN cross term with finite norms cannot
-    # happen, but a non-finite b with a finite |g| would point at the reference too.
-    nonfinite_refs = ~torch.isfinite(diag) | (~torch.isfinite(b_tot) & ~nonfinite_grad)
+    target = grads if apply_to is None else apply_to
+    if k == 1 and not orthonormal and extra_coefs is None:
+        # The common case, on every backend: no host sync, a handful of ops, statistics on demand.
+        coefs = _coefs_k1(grams, mode, alpha)
+        impl.combine_(target, refs, coefs * sign if sign != 1.0 else coefs)
+        return _DeferredStats(grams, coefs, per_tensor)
     all_finite = torch.isfinite(grams).all()
-
-    denom = torch.sqrt(torch.clamp(gg_tot, min=0) * torch.clamp(diag, min=0))
-    cosines = torch.where(denom > 0, b_tot / torch.where(denom > 0, denom, torch.ones_like(denom)),
-                          torch.zeros_like(b_tot))
 
     can_sync = not impl.sync_free or k > 1
     if can_sync and not bool(all_finite):
         # Early exit on the host: nothing is written, a GradScaler still sees its inf where it was.
         coefs = torch.zeros((len(grads), k) if per_tensor else (k,), dtype=torch.float64, device=grams.device)
-        zero = torch.zeros((), dtype=torch.float64, device=grams.device)
-        return ProjectionStats(
-            dots=b_tot, cosines=cosines, coefs=coefs, removed_fraction=zero,
-            projected=torch.zeros((), dtype=torch.bool, device=grams.device), skipped=~all_finite,
-            _nonfinite_grad=nonfinite_grad, _nonfinite_refs=nonfinite_refs,
-        )
+        return _DeferredStats(grams, coefs, per_tensor)
 
     G, b, gg = _split(grams)
     if not can_sync:
@@ -353,20 +405,8 @@ def _project_resolved(
         coefs = torch.where(all_finite, coefs, torch.zeros_like(coefs))
     applied = coefs if extra_coefs is None else coefs + extra_coefs.to(coefs)
     applied = applied * sign if sign != 1.0 else applied
-    impl.combine_(grads if apply_to is None else apply_to, refs, applied.contiguous())
-
-    # |g - g'|^2 = c^T G c (per tensor, summed), from the Gram alone: no extra pass.
-    removed_sq = (coefs.unsqueeze(-2) @ G @ coefs.unsqueeze(-1)).squeeze(-1).squeeze(-1)
-    if per_tensor:
-        removed_sq = removed_sq.sum()
-    gg_safe = torch.where(gg_tot > 0, gg_tot, torch.ones_like(gg_tot))
-    removed = torch.where(gg_tot > 0, torch.sqrt(torch.clamp(removed_sq, min=0) / gg_safe),
-                          torch.zeros_like(gg_tot))
-    return ProjectionStats(
-        dots=b_tot, cosines=cosines, coefs=coefs, removed_fraction=removed,
-        projected=(coefs != 0).any(), skipped=~all_finite,
-        _nonfinite_grad=nonfinite_grad, _nonfinite_refs=nonfinite_refs,
-    )
+    impl.combine_(target, refs, applied.contiguous())
+    return _DeferredStats(grams, coefs, per_tensor)
 
 
 # --- torch.compile support ------------------------------------------------------------------------

@@ -3,6 +3,8 @@
 Covers: fp32/bf16/fp16 and mixed lists, misaligned views (storage offset 1), non-contiguous
 tensors, zero-size tensors, many small tensors sharing chunks, a multi-chunk tensor, m <= 8 (register
 path) and m > 8 (shared-memory path), global and per-tensor coefficients with zeros.
+Both backends by default (``--backend cuda|triton|all``): the CUDA ops ``atax::`` and the Triton ops
+``atax_triton::`` (every kernel name contains "atax", which gpu_check.sh's ``--kernel-name kns=atax`` keeps).
 Exit status 0 when the results match a float64 oracle.
 """
 from __future__ import annotations
@@ -12,16 +14,32 @@ import sys
 import torch
 
 
-def main() -> int:
+def main(argv: list[str]) -> int:
+    backend = argv[argv.index("--backend") + 1] if "--backend" in argv else "all"
     if not torch.cuda.is_available():
         print("sanitize_case: no CUDA device", file=sys.stderr)
         return 1
-    from atax_kernels import _ext
+    ok = True
+    if backend in ("cuda", "all"):
+        from atax_kernels import _ext
 
-    _ext.load()
-    if not torch._C._dispatch_has_kernel_for_dispatch_key("atax::gram", "CUDA"):
-        print(f"sanitize_case: atax CUDA kernels not built: {_ext.build_info()}", file=sys.stderr)
-        return 1
+        _ext.load()
+        if not torch._C._dispatch_has_kernel_for_dispatch_key("atax::gram", "CUDA"):
+            print(f"sanitize_case: atax CUDA kernels not built: {_ext.build_info()}", file=sys.stderr)
+            return 1
+        ok &= run(torch.ops.atax, "cuda")
+    if backend in ("triton", "all"):
+        import atax_kernels.ops.triton as tb
+
+        if not tb.available(torch.device("cuda")):
+            print(f"sanitize_case: triton backend unavailable: {tb._error!r}", file=sys.stderr)
+            return 1
+        ok &= run(torch.ops.atax_triton, "triton")
+    print("sanitize_case:", "OK" if ok else "MISMATCH")
+    return 0 if ok else 1
+
+
+def run(ops, label: str) -> bool:
     torch.manual_seed(0)
     dev = "cuda"
     dts = [torch.float32, torch.bfloat16, torch.float16]
@@ -44,7 +62,7 @@ def main() -> int:
         vecs = [[make(i, j) for i in range(len(shapes))] for j in range(m)]
         flat = [t for lst in vecs for t in lst]
         for per_tensor in (False, True):
-            out = torch.ops.atax.gram(flat, m, per_tensor)
+            out = ops.gram(flat, m, per_tensor)
             rows = [torch.stack([vecs[j][i].reshape(-1).double() for j in range(m)])
                     for i in range(len(shapes))]
             per = torch.stack([r @ r.T for r in rows])
@@ -52,7 +70,7 @@ def main() -> int:
             err = (out - ref).abs().max().item()
             scale = ref.abs().max().item() + 1.0
             ok &= err <= 1e-4 * scale
-            print(f"gram m={m} per_tensor={per_tensor}: max abs err {err:.3e}")
+            print(f"{label} gram m={m} per_tensor={per_tensor}: max abs err {err:.3e}")
     k = 3
     target = [make(i, 5) for i in range(len(shapes))]
     vecs = [[make(i, j) for i in range(len(shapes))] for j in range(k)]
@@ -61,7 +79,7 @@ def main() -> int:
                   torch.randn(len(shapes), k, dtype=torch.float64).masked_fill(
                       torch.rand(len(shapes), k) < 0.3, 0.0)):
         before = [t.double() for t in target]
-        torch.ops.atax.combine_(target, flat, coefs.to(dev))
+        ops.combine_(target, flat, coefs.to(dev))
         c = coefs
         worst = 0.0
         for i in range(len(shapes)):
@@ -73,11 +91,10 @@ def main() -> int:
             if ref.numel():
                 worst = max(worst, ((target[i].double() - ref).abs() / (ref.abs() + 1.0)).max().item())
         ok &= worst <= 2e-2  # bf16/fp16 targets: one rounding
-        print(f"combine_ coefs{tuple(coefs.shape)}: max rel err {worst:.3e}")
+        print(f"{label} combine_ coefs{tuple(coefs.shape)}: max rel err {worst:.3e}")
     torch.cuda.synchronize()
-    print("sanitize_case:", "OK" if ok else "MISMATCH")
-    return 0 if ok else 1
+    return bool(ok)
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(sys.argv[1:]))

@@ -1,19 +1,22 @@
-"""Triton backend (atax_triton::gram / combine_) against a float64 oracle. Runs on CPU under TRITON_INTERPRET=1."""
+"""Triton backend (atax_triton::gram / combine_) against a float64 oracle. Runs on CPU under TRITON_INTERPRET=1,
+or, with ATAX_TEST_DEVICE=cuda (make gpu-check), on CUDA tensors with the compiled kernels."""
 import os
 
-os.environ.setdefault("TRITON_INTERPRET", "1")
+DEVICE = os.environ.get("ATAX_TEST_DEVICE", "cpu")
+if DEVICE == "cpu":  # only then: compiled (GPU) kernels must never be handed CPU tensors
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import importlib  # noqa: E402
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
+DEV = torch.device(DEVICE)
 tb = importlib.import_module("atax_kernels.ops.triton")
-if not tb.available(torch.device("cpu")):
-    pytest.skip("triton backend unavailable on CPU (needs triton + TRITON_INTERPRET=1)", allow_module_level=True)
+if not tb.available(DEV):
+    pytest.skip(f"triton backend unavailable on {DEV} (CPU needs triton + TRITON_INTERPRET=1 at import)",
+                allow_module_level=True)
 _table = importlib.import_module("atax_kernels.ops.triton._table")
-
-DEV = torch.device("cpu")
 SHAPES = [(7, 13), (1,), (0,), (3, 0, 5), (257,), (4100,)]  # 4100: crosses a chunk boundary
 DTYPES = {
     "fp32": [torch.float32],
@@ -74,7 +77,8 @@ def check_combine(got, exact, target_before, vectors, coefs):
 
 
 def make_list(shapes, dtypes, gen, scale=1.0):
-    return [(torch.randn(s, generator=gen) * scale).to(dtypes[i % len(dtypes)]) for i, s in enumerate(shapes)]
+    return [(torch.randn(s, generator=gen) * scale).to(device=DEV, dtype=dtypes[i % len(dtypes)])
+            for i, s in enumerate(shapes)]
 
 
 def call_gram(vectors, per_tensor):
@@ -112,11 +116,11 @@ def test_gram_many_tensors():
 
 
 def _odd_layouts(gen, dtype):
-    buf = torch.randn(1 + 7 * 13 + 64, generator=gen).to(dtype)
+    buf = torch.randn(1 + 7 * 13 + 64, generator=gen).to(DEV, dtype)
     misaligned = buf[1:1 + 7 * 13].view(7, 13)  # storage offset 1: breaks 16-byte alignment
-    transposed = torch.randn(9, 5, generator=gen).to(dtype).T
-    strided = torch.randn(40, generator=gen).to(dtype)[::3]
-    sliced = torch.randn(6, 8, generator=gen).to(dtype)[:, 2:5]
+    transposed = torch.randn(9, 5, generator=gen).to(DEV, dtype).T
+    strided = torch.randn(40, generator=gen).to(DEV, dtype)[::3]
+    sliced = torch.randn(6, 8, generator=gen).to(DEV, dtype)[:, 2:5]
     return [misaligned, transposed, strided, sliced]
 
 
@@ -129,7 +133,7 @@ def test_gram_noncontiguous_misaligned(per_tensor):
 
 def _flat_views(gen, shapes, dtype, offset=0):
     total = sum(torch.Size(s).numel() for s in shapes)
-    buf = torch.randn(offset + total, generator=gen).to(dtype)
+    buf = torch.randn(offset + total, generator=gen).to(DEV, dtype)
     out, pos = [], offset
     for s in shapes:
         k = torch.Size(s).numel()
@@ -154,9 +158,9 @@ def test_gram_flat_buffer(per_tensor, offset):
 
 
 def test_gram_all_empty():
-    vectors = [[torch.zeros(0), torch.zeros(3, 0)] for _ in range(2)]
-    assert torch.equal(call_gram(vectors, False), torch.zeros(2, 2, dtype=torch.float64))
-    assert torch.equal(call_gram(vectors, True), torch.zeros(2, 2, 2, dtype=torch.float64))
+    vectors = [[torch.zeros(0, device=DEV), torch.zeros(3, 0, device=DEV)] for _ in range(2)]
+    assert torch.equal(call_gram(vectors, False), torch.zeros(2, 2, dtype=torch.float64, device=DEV))
+    assert torch.equal(call_gram(vectors, True), torch.zeros(2, 2, 2, dtype=torch.float64, device=DEV))
 
 
 def test_gram_deterministic():
@@ -179,7 +183,7 @@ def test_combine_shapes_dtypes(k, coef_kind, dt):
     target = make_list(SHAPES, dts, gen)
     vectors = [make_list(SHAPES, dts[j % len(dts):] + dts[: j % len(dts)], gen) for j in range(k)]
     n = len(SHAPES)
-    coefs = torch.randn(k if coef_kind == "global" else (n, k), generator=gen, dtype=torch.float64)
+    coefs = torch.randn(k if coef_kind == "global" else (n, k), generator=gen, dtype=torch.float64).to(DEV)
     before = [t.clone() for t in target]
     exact = oracle_combine(before, vectors, coefs)
     tb.combine_(target, vectors, coefs)
@@ -194,9 +198,9 @@ def test_combine_zero_coef_skips_inf_and_all_zero_unchanged():
     target[0][0, 0] = float("nan")  # all-zero tensor: NaN stays, bits unchanged
     target[0][1, 1] = -0.0
     good = make_list(shapes, [torch.float32], gen)
-    bad = [torch.full(s, float("inf")) for s in shapes]
+    bad = [torch.full(s, float("inf"), device=DEV) for s in shapes]
     bad[1][3] = float("nan")
-    coefs = torch.tensor([[0.0, 0.0], [0.5, 0.0], [1.0, 0.0], [-2.0, 0.0]], dtype=torch.float64)
+    coefs = torch.tensor([[0.0, 0.0], [0.5, 0.0], [1.0, 0.0], [-2.0, 0.0]], dtype=torch.float64, device=DEV)
     before = [t.clone() for t in target]
     tb.combine_(target, [good, bad], coefs)
     assert torch.equal(target[0].view(torch.int32), before[0].view(torch.int32))  # bitwise
@@ -206,7 +210,7 @@ def test_combine_zero_coef_skips_inf_and_all_zero_unchanged():
     check_combine(target[1:], exact[1:], before[1:], [good[1:], bad[1:]], coefs[1:])
     # global coefs, all zero: every tensor bit-for-bit unchanged
     before = [t.clone() for t in target]
-    tb.combine_(target, [bad], torch.zeros(1, dtype=torch.float64))
+    tb.combine_(target, [bad], torch.zeros(1, dtype=torch.float64, device=DEV))
     for a, b in zip(target, before):
         assert torch.equal(a.view(torch.int16 if a.element_size() == 2 else torch.int32),
                            b.view(torch.int16 if b.element_size() == 2 else torch.int32))
@@ -216,7 +220,7 @@ def test_combine_noncontiguous_misaligned_target():
     gen = torch.Generator().manual_seed(6)
     target = _odd_layouts(gen, torch.float32) + _odd_layouts(gen, torch.bfloat16)
     vectors = [_odd_layouts(gen, torch.float16) + _odd_layouts(gen, torch.float32)]
-    coefs = torch.tensor([0.75], dtype=torch.float64)
+    coefs = torch.tensor([0.75], dtype=torch.float64, device=DEV)
     before = [t.clone() for t in target]
     exact = oracle_combine(before, vectors, coefs)
     tb.combine_(target, vectors, coefs)
@@ -228,7 +232,7 @@ def test_combine_many_tensors_per_tensor_coefs():
     shapes = [((i * 5) % 9,) for i in range(120)]
     target = make_list(shapes, [torch.float32, torch.bfloat16], gen)
     vectors = [make_list(shapes, [torch.float16], gen) for _ in range(2)]
-    coefs = torch.randn(len(shapes), 2, generator=gen, dtype=torch.float64)
+    coefs = torch.randn(len(shapes), 2, generator=gen, dtype=torch.float64).to(DEV)
     coefs[::4, 1] = 0.0
     before = [t.clone() for t in target]
     exact = oracle_combine(before, vectors, coefs)
@@ -244,7 +248,7 @@ def test_combine_flat_buffer(coef_kind):
     vectors = [_flat_views(gen, shapes, torch.bfloat16, 1), _flat_views(gen, shapes, torch.float32)]
     assert _table.is_flat([target] + vectors)
     _table.clear_cache()
-    coefs = torch.randn(2 if coef_kind == "global" else (len(shapes), 2), generator=gen, dtype=torch.float64)
+    coefs = torch.randn(2 if coef_kind == "global" else (len(shapes), 2), generator=gen, dtype=torch.float64).to(DEV)
     before = [t.clone() for t in target]
     exact = oracle_combine(before, vectors, coefs)
     tb.combine_(target, vectors, coefs)
@@ -257,7 +261,7 @@ def test_combine_deterministic_and_repeated():
     shapes = [(9000,), (33,), (7, 13)]
     target = make_list(shapes, [torch.bfloat16, torch.float32], gen)
     vectors = [make_list(shapes, [torch.float32], gen) for _ in range(3)]
-    coefs = torch.randn(3, generator=gen, dtype=torch.float64)
+    coefs = torch.randn(3, generator=gen, dtype=torch.float64).to(DEV)
     a = [t.clone() for t in target]
     b = [t.clone() for t in target]
     tb.combine_(a, vectors, coefs)
@@ -270,7 +274,7 @@ def test_combine_deterministic_and_repeated():
 # ---------------------------------------------------------------- aligned (128-bit) path vs scalar path
 def _misaligned_copy(t):
     """Same values at an address that is 2 bytes (bf16/fp16) or 4 bytes (fp32) past a 16-byte boundary."""
-    buf = torch.empty(t.numel() + 1, dtype=t.dtype)
+    buf = torch.empty(t.numel() + 1, dtype=t.dtype, device=t.device)
     out = buf[1:].view(t.shape)
     out.copy_(t)
     assert out.data_ptr() % 16 != 0
@@ -298,7 +302,7 @@ def test_combine_aligned_path_matches_scalar_path_bitwise():
     shapes = [(9000,), (1024,), (33,), (4096 + 1024 + 5,)]
     target = make_list(shapes, [torch.bfloat16, torch.float32, torch.float16], gen)
     vectors = [make_list(shapes, [torch.float32], gen), make_list(shapes, [torch.bfloat16], gen)]
-    coefs = torch.tensor([0.5, -1.25], dtype=torch.float64)
+    coefs = torch.tensor([0.5, -1.25], dtype=torch.float64, device=DEV)
     before = [t.clone() for t in target]
     shifted_target = [_misaligned_copy(t) for t in target]
     shifted_vectors = [[_misaligned_copy(t) for t in lst] for lst in vectors]
@@ -315,9 +319,11 @@ def test_combine_aligned_path_matches_scalar_path_bitwise():
 
 # ---------------------------------------------------------------- ops / registration
 def test_available():
-    assert tb.available(torch.device("cpu"))
-    assert tb.available("cpu")
+    assert tb.available(DEV)
+    assert tb.available(str(DEV))
     assert not tb.available(torch.device("meta"))
+    # interpreted kernels never claim the GPU, compiled ones never claim the CPU
+    assert tb.available("cpu") == tb.INTERPRET and (not tb.INTERPRET or not tb.available("cuda"))
 
 
 @pytest.mark.parametrize("per_tensor", [False, True])
@@ -335,7 +341,7 @@ def test_opcheck_combine(coef_kind):
     shapes = [(7, 3), (0,), (5,)]
     target = make_list(shapes, [torch.float32], gen)
     vectors = [make_list(shapes, [torch.float32], gen) for _ in range(2)]
-    coefs = torch.randn(2 if coef_kind == "global" else (3, 2), generator=gen, dtype=torch.float64)
+    coefs = torch.randn(2 if coef_kind == "global" else (3, 2), generator=gen, dtype=torch.float64).to(DEV)
     flat = [t for lst in vectors for t in lst]
     torch.library.opcheck(torch.ops.atax_triton.combine_.default, (target, flat, coefs))
 
@@ -349,3 +355,128 @@ def test_fake_shapes():
         out = torch.ops.atax_triton.gram(vs, 2, True)
         assert out.shape == (2, 2, 2) and out.dtype == torch.float64
         torch.ops.atax_triton.combine_(vs[:2], vs[2:], torch.empty(1, dtype=torch.float64))
+
+
+# ---------------------------------------------------------------- tables (O(n), vectorised), alignment per tensor
+def _naive_layout(numels, chunk, span):
+    """Per-chunk rows and spans by a plain loop: the oracle of the vectorised table build."""
+    first, rows = [0], []
+    for i, ne in enumerate(numels):
+        rows += [(i, s, min(chunk, ne - s)) for s in range(0, ne, chunk)]
+        first.append(len(rows))
+    spans, segs = [], []
+    for i in range(len(numels)):
+        s0 = len(spans)
+        spans += [(c, min(c + span, first[i + 1])) for c in range(first[i], first[i + 1], span)]
+        segs.append((s0, len(spans)))
+    gspans = [(c, min(c + span, len(rows))) for c in range(0, len(rows), span)]
+    return first, rows, spans, segs, gspans
+
+
+def test_chunk_layout_matches_naive_loop():
+    numels = [0, 5000, 4096, 1, 0, 4096 * 7 + 3, 2, 4096 * 3]
+    first, spans, segs, gspans = (x.tolist() for x in _table.chunk_layout(numels))
+    f0, rows, s0, g0, gs0 = _naive_layout(numels, _table.CHUNK, _table.SPAN)
+    assert first == f0 and spans == [list(x) for x in s0] and segs == [list(x) for x in g0]
+    assert gspans == [list(x) for x in gs0]
+
+
+def test_chunk_layout_small_span_and_fake_addresses(monkeypatch):
+    # sizes and addresses only, nothing allocated: what the 70B table bench builds
+    monkeypatch.setattr(_table, "SPAN", 3)
+    numels = [4096 * 7 + 3, 0, 10, 4096 * 4]
+    first, spans, segs, gspans = (x.tolist() for x in _table.chunk_layout(numels))
+    f0, rows, s0, g0, gs0 = _naive_layout(numels, _table.CHUNK, 3)
+    assert (first, spans, segs, gspans) == (f0, [list(x) for x in s0], [list(x) for x in g0],
+                                            [list(x) for x in gs0])
+    base = _table.anchor(torch.device("cpu")).data_ptr()
+    ptrs = [base + 16 * 100, base + 16 * 200 + 2, base + 16 * 300, base + 16 * 400,  # list 0
+            base + 16 * 500, base + 16 * 600, base + 16 * 700 + 4, base + 16 * 800]  # list 1
+    tab = _table._build(torch.device("cpu"), False, ptrs, [0, 2, 0, 1] * 2, numels)
+    assert tab.al.tolist() == [1, 0, 0, 1]  # tensor 1 misaligned in list 0, tensor 2 in list 1
+    assert tab.any_aligned and not tab.aligned and tab.n_chunks == f0[-1]
+    assert tab.qs.tolist() == [100, 0, 0, 400, 500, 0, 0, 800]
+    assert tab.ptrs.tolist() == ptrs and tab.numels.tolist() == numels
+    assert 2 ** (tab.search_steps - 1) >= len(numels)
+
+
+@pytest.mark.parametrize("per_tensor", [False, True])
+def test_two_level_reduction_across_many_spans(per_tensor, monkeypatch):
+    monkeypatch.setattr(_table, "SPAN", 2)  # level 1 sums pairs of chunks: several spans per tensor
+    _table.clear_cache()
+    gen = torch.Generator().manual_seed(31)
+    shapes = [(4096 * 5 + 7,), (3,), (0,), (4096 * 2,)]
+    vectors = [make_list(shapes, [torch.float32, torch.bfloat16], gen) for _ in range(2)]
+    a = call_gram(vectors, per_tensor)
+    check_gram(a, vectors, per_tensor)
+    _table.clear_cache()
+    assert torch.equal(a, call_gram(vectors, per_tensor))
+    _table.clear_cache()
+
+
+@pytest.mark.parametrize("per_tensor", [False, True])
+def test_alignment_is_decided_per_tensor_with_identical_bits(per_tensor):
+    gen = torch.Generator().manual_seed(32)
+    shapes = [(9000,), (1024,), (4096 + 5,)]
+    vectors = [make_list(shapes, [torch.float32], gen), make_list(shapes, [torch.bfloat16], gen)]
+    _table.clear_cache()
+    ref = call_gram(vectors, per_tensor)
+    mixed = [list(lst) for lst in vectors]
+    mixed[1][1] = _misaligned_copy(mixed[1][1])  # only tensor 1 of list 1 is misaligned
+    _table.clear_cache()
+    got = call_gram(mixed, per_tensor)
+    (tab,) = _table._cache.values()
+    assert tab.al.tolist() == [1, 0, 1] and tab.any_aligned
+    assert torch.equal(ref, got)  # same element order on both paths: bits depend on shapes only
+    target = make_list(shapes, [torch.float32], gen)
+    target2 = [t.clone() for t in target]
+    target2[2] = _misaligned_copy(target2[2])
+    coefs = torch.tensor([0.5, -0.25], dtype=torch.float64, device=DEV)
+    tb.combine_(target, vectors, coefs)
+    tb.combine_(target2, vectors, coefs)
+    assert all(torch.equal(x, y) for x, y in zip(target, target2))
+
+
+def test_dense_noncontiguous_lists_are_not_copied():
+    gen = torch.Generator().manual_seed(33)
+    base = [torch.randn(7, 9, generator=gen).to(DEV) for _ in range(3)]
+    lists = [[b.T] for b in base]  # transposed, same strides in every list: processed in memory order
+    out = _table.storage_order(lists)
+    assert all(o[0].data_ptr() == b.data_ptr() and o[0].is_contiguous() for o, b in zip(out, base))
+    mixed = _table.storage_order([[base[0].T], [base[1].T.contiguous()]])  # strides differ: copies
+    assert mixed[0][0].data_ptr() != base[0].data_ptr()
+    target = base[0].T
+    before = target.clone()
+    vec = [[base[1].T], [base[2].T]]
+    coefs = torch.tensor([0.5, 2.0], dtype=torch.float64, device=DEV)
+    tb.combine_([target], vec, coefs)
+    check_combine([target], oracle_combine([before], vec, coefs), [before], vec, coefs)
+    check_gram(call_gram([[base[0].T], [base[1].T]], False), [[base[0].T], [base[1].T]], False)
+
+
+def test_table_built_during_graph_capture_is_not_cached(monkeypatch):
+    monkeypatch.setattr(_table, "_capturing", lambda device: True)
+    _table.clear_cache()
+    gen = torch.Generator().manual_seed(34)
+    vectors = [make_list([(5000,), (3,)], [torch.float32], gen) for _ in range(2)]
+    check_gram(call_gram(vectors, False), vectors, False)
+    assert len(_table._cache) == 0
+    monkeypatch.setattr(_table, "_capturing", lambda device: False)
+    call_gram(vectors, False)
+    assert len(_table._cache) == 1
+
+
+@pytest.mark.skipif(DEVICE != "cuda" or torch.cuda.device_count() < 2, reason="needs two CUDA devices")
+def test_launches_on_the_tensors_device():
+    gen = torch.Generator().manual_seed(35)
+    dev1 = torch.device("cuda", 1)
+    vectors = [[(torch.randn(9000, generator=gen)).to(dev1)] for _ in range(2)]
+    with torch.cuda.device(0):
+        got = call_gram(vectors, False)
+        target = [torch.randn(9000, generator=gen).to(dev1)]
+        before = [target[0].clone()]
+        coefs = torch.tensor([0.5], dtype=torch.float64, device=dev1)
+        tb.combine_(target, [vectors[0]], coefs)
+    assert got.device == dev1
+    check_gram(got, vectors, False)
+    check_combine(target, oracle_combine(before, [vectors[0]], coefs), before, [vectors[0]], coefs)

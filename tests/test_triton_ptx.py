@@ -40,14 +40,14 @@ def test_combine_aligned_path_uses_128bit_loads_and_stores(report, flat):
     assert _wide_stores(acc) >= 3, acc
 
 
-@pytest.mark.parametrize("m", [2, 5])
+@pytest.mark.parametrize("m", [2, 5, 12])  # element-wise products (m <= 8) and tl.dot (m > 8)
 @pytest.mark.parametrize("flat", [False, True])
 def test_gram_aligned_path_uses_128bit_loads(report, m, flat):
     acc = report[f"gram m={m} aligned=True flat={flat}"]
     assert _wide_loads(acc) >= 3, acc  # at least one per input dtype
 
 
-@pytest.mark.parametrize("name", ["combine", "gram m=2", "gram m=5"])
+@pytest.mark.parametrize("name", ["combine", "gram m=2", "gram m=5", "gram m=12"])
 @pytest.mark.parametrize("flat", [False, True])
 def test_misaligned_path_is_scalar(report, name, flat):
     # the control: without the anchor-relative addressing nothing is 128-bit, so the checks above can fail

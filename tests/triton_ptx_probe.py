@@ -12,15 +12,16 @@ assert os.environ.get("TRITON_INTERPRET") != "1", "run without TRITON_INTERPRET"
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource, compile as triton_compile  # noqa: E402
 
-from atax_kernels.ops.triton import _table  # noqa: E402
-from atax_kernels.ops.triton.combine import _BLOCK as COMBINE_BLOCK, _combine_kernel  # noqa: E402
-from atax_kernels.ops.triton.gram import _block_for, _gram_chunk_kernel  # noqa: E402
+import importlib  # noqa: E402
+
+combine = importlib.import_module("atax_kernels.ops.triton.combine")  # the package's names are functions
+gram = importlib.import_module("atax_kernels.ops.triton.gram")
 
 # kernel argument name -> Triton signature type (the runtime passes exactly these)
 TYPES = {
-    "chunks_ptr": "*i64", "ptrs_ptr": "*i64", "dts_ptr": "*i32", "coef_ptr": "*fp64", "part_ptr": "*fp64",
-    "base32": "*fp32", "base16": "*fp16", "basebf": "*bf16", "n": "i64", "total": "i64", "K": "i32",
-    "COEF_STRIDE": "i32",
+    "first_ptr": "*i64", "numels_ptr": "*i64", "ptrs_ptr": "*i64", "qs_ptr": "*i64", "dts_ptr": "*i64",
+    "al_ptr": "*i64", "coef_ptr": "*fp64", "part_ptr": "*fp64", "base32": "*fp32", "base16": "*fp16",
+    "basebf": "*bf16", "n": "i64", "total": "i64", "steps": "i32", "K": "i32", "COEF_STRIDE": "i32",
 }
 
 
@@ -51,13 +52,11 @@ def main():
     report = {}
     for aligned in (True, False):
         for flat in (False, True):
-            ptx = compile_ptx(_combine_kernel, dict(CHUNK=_table.CHUNK, BLOCK=COMBINE_BLOCK, FLAT=flat,
-                                                    ALIGNED=aligned))
+            # aligned=True: the call has aligned tensors, so the 128-bit path is compiled (taken per tensor)
+            ptx = compile_ptx(combine.atax_combine_kernel, combine.constexprs(flat, aligned))
             report[f"combine aligned={aligned} flat={flat}"] = accesses(ptx)
-            for m in (2, 5):
-                mp = 16
-                ptx = compile_ptx(_gram_chunk_kernel, dict(M=m, MP=mp, CHUNK=_table.CHUNK, BLOCK=_block_for(mp),
-                                                           FLAT=flat, ALIGNED=aligned))
+            for m in (2, 5, 12):
+                ptx = compile_ptx(gram.atax_gram_chunk_kernel, gram.constexprs(m, flat, aligned))
                 report[f"gram m={m} aligned={aligned} flat={flat}"] = accesses(ptx)
     json.dump(report, sys.stdout, indent=1, sort_keys=True)
 

@@ -2,14 +2,19 @@
 
 Import-safe: importing this package imports triton and registers the ops inside a try block; if triton is
 missing or broken the package still imports and ``available()`` is False. ``available(device)`` says whether the backend can run on ``device``:
-CUDA devices when triton imports and CUDA is available; CPU only under ``TRITON_INTERPRET=1`` (set it before
-triton is imported).
+CUDA devices when triton imports, CUDA is available and the kernels are compiled; CPU only when
+``TRITON_INTERPRET=1`` was set when this package was imported (``INTERPRET``).
 """
 from __future__ import annotations
 
 import os
 
 import torch
+
+#: Whether the kernels below are interpreted, read ONCE, before they are defined: triton decides it when a
+#: kernel is defined, so a later change of TRITON_INTERPRET cannot move compiled kernels to the CPU (feeding
+#: them CPU tensors would crash) nor interpreted ones to the GPU. ``available`` answers from this value.
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
 _error: BaseException | None = None
 try:  # eager, so that the submodules never shadow the functions below; never raises
@@ -30,9 +35,9 @@ def available(device: torch.device | None = None) -> bool:
         device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
     device = torch.device(device)
     if device.type == "cuda":
-        ok = torch.cuda.is_available()
+        ok = torch.cuda.is_available() and not INTERPRET
     elif device.type == "cpu":
-        ok = os.environ.get("TRITON_INTERPRET") == "1"
+        ok = INTERPRET
     else:
         ok = False
     return ok and _load()
