@@ -32,7 +32,11 @@ several processes) into each ``checkpoint-<step>`` folder: the EMA buffers, the 
 counter. Resuming is hooked by wrapping ``trainer._load_optimizer_and_scheduler`` on the instance: the Trainer
 calls it with the resolved checkpoint folder on every resume path (``resume_from_checkpoint=True`` included, FSDP
 included), after the optimizer exists. The state read there is applied at the first projected step (when the
-parameters are known on their final devices). The position inside an iterable reference source is not saved.
+parameters are known on their final devices). The capability stream is saved too: the position inside the
+current pass over the reference batches and the RNG states that pass began with (torch, Python, NumPy and the
+loader's own generators), so a resumed run draws the same capability batches, shuffled DataLoaders included
+(random per-batch transforms that draw from the global RNG are not replayed); so is a live reference that is
+reused until the next refresh (``refresh_every > 1``).
 
 Refused (with what to use instead): DeepSpeed, optimizer-in-backward setups (LOMO/AdaLomo, layer-wise GaLore,
 any parameter with a post-accumulate-grad hook), reentrant gradient checkpointing.
@@ -90,6 +94,46 @@ def _default_loss(model: torch.nn.Module, batch: Any) -> torch.Tensor:
     return loss
 
 
+def _loader_generators(batches: Any) -> list[torch.Generator]:
+    """torch.Generators a DataLoader (or its sampler) draws its order from."""
+    gens: list[torch.Generator] = []
+    for obj in (batches, getattr(batches, "sampler", None),
+                getattr(getattr(batches, "batch_sampler", None), "sampler", None)):
+        g = getattr(obj, "generator", None)
+        if isinstance(g, torch.Generator) and all(g is not h for h in gens):
+            gens.append(g)
+    return gens
+
+
+def _rng_snapshot(batches: Any) -> dict[str, Any]:
+    """The CPU RNG states an iterable's order can depend on, in types ``torch.load(weights_only=True)`` reads."""
+    import random
+
+    import numpy as np
+
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    return {"torch": torch.get_rng_state(), "python": random.getstate(),
+            "numpy": (name, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(cached)),
+            "generators": [g.get_state() for g in _loader_generators(batches)]}
+
+
+def _rng_restore(batches: Any, state: Mapping[str, Any], *, generators: bool) -> None:
+    import random
+
+    import numpy as np
+
+    torch.set_rng_state(state["torch"])
+    py = state["python"]
+    random.setstate((py[0], tuple(py[1]), py[2]))
+    name, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+    if generators:
+        gens = _loader_generators(batches)
+        if len(gens) == len(state["generators"]):
+            for g, st in zip(gens, state["generators"]):
+                g.set_state(st)
+
+
 class CapabilitySource:
     """Where the capability loss comes from.
 
@@ -117,17 +161,57 @@ class CapabilitySource:
             raise TypeError(f"loss_fn must take {want}")
         self.batches, self.loss_fn = batches, loss_fn
         self._it = None
+        self._position = 0          # batches drawn from the current pass
+        self._pass_rng: dict[str, Any] | None = None   # the RNG states right before the current pass began
+        self._resume: dict[str, Any] | None = None
 
     def _next_batch(self) -> Any:
+        if self._resume is not None:
+            self._fast_forward()
         for attempt in range(2):
             if self._it is None:
+                self._pass_rng = _rng_snapshot(self.batches)
                 self._it = iter(self.batches)
+                self._position = 0
             try:
-                return next(self._it)
+                batch = next(self._it)
+                self._position += 1
+                return batch
             except StopIteration:
                 self._it = None
         raise ValueError("the reference batches are empty (or a one-shot iterator that is exhausted); "
                          "pass a re-iterable such as a list or a DataLoader")
+
+    def state_dict(self) -> dict[str, Any]:
+        """The stream position: batches drawn from the current pass and the RNG states it began with."""
+        if self.batches is None or self._it is None:
+            return {"position": 0, "rng": None}
+        return {"position": self._position, "rng": self._pass_rng}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Continue from a saved position at the next batch: the pass is re-begun under its saved RNG states
+        (so a shuffled DataLoader draws the same order) and the batches already used are skipped."""
+        self._it, self._resume = None, dict(state)
+
+    def _fast_forward(self) -> None:
+        state, self._resume = self._resume, None
+        position, rng = int(state.get("position", 0)), state.get("rng")
+        if self.batches is None or rng is None:
+            return
+        now = _rng_snapshot(self.batches)
+        _rng_restore(self.batches, rng, generators=True)
+        self._pass_rng, self._it = rng, iter(self.batches)
+        try:
+            for _ in range(position):
+                next(self._it)
+        except StopIteration:
+            raise ValueError(f"resuming the capability stream: the reference batches have fewer than the "
+                             f"{position} batches drawn before the checkpoint") from None
+        finally:
+            # The trainer restored its own RNG for this step; replaying the pass must not consume it. The
+            # loader's own generators stay where the replay left them, as in the uninterrupted run.
+            _rng_restore(self.batches, now, generators=False)
+        self._position = position
 
     def loss(self, model: torch.nn.Module, device: torch.device) -> torch.Tensor:
         if self.batches is None:
@@ -629,6 +713,13 @@ class AtaxHandle:
             state["subspace"] = ref.state_dict()
         if isinstance(ref, ActivationSubspace):
             state["activation"] = ref.state_dict()
+        source = ref.source if isinstance(ref, EMA) else ref if isinstance(ref, CapabilitySource) else None
+        if source is not None:
+            state["source"] = source.state_dict()
+        if isinstance(ref, CapabilitySource) and self._live is not None:
+            # Reused until the next refresh (refresh_every > 1): without it a resumed run would refresh early.
+            state["live"] = {"grads": [None if t is None else t.detach() for t in self._live],
+                             "inv_scale": self._live_inv_scale}
         return state
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
@@ -648,6 +739,17 @@ class AtaxHandle:
             self.reference.load_state_dict(state["activation"])
         if isinstance(self.reference, Subspace) and "subspace" in state:
             self.reference.load_state_dict(state["subspace"])
+        source = (self.reference.source if isinstance(self.reference, EMA)
+                  else self.reference if isinstance(self.reference, CapabilitySource) else None)
+        if source is not None and "source" in state:
+            source.load_state_dict(state["source"])
+        if isinstance(self.reference, CapabilitySource) and "live" in state:
+            grads = state["live"]["grads"]
+            if len(grads) != len(params):
+                raise ValueError(f"the checkpoint's live reference covers {len(grads)} parameters, the optimizer "
+                                 f"has {len(params)}")
+            self._live = [None if t is None else t.to(p.device) for t, p in zip(grads, params)]
+            self._live_inv_scale = float(state["live"]["inv_scale"])
 
     def _rank_file(self) -> str:
         acc = self.trainer.accelerator
