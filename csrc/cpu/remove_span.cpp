@@ -143,13 +143,20 @@ void from_float(const float* src, T* dst, int64_t len) {
 
 // Copy a [rows, cols] block (strides s0, s1) to/from an fp32 buffer, row-major (ld cols) or column-major
 // (ld rows), walking the target's unit-stride dimension contiguously.
+// Column-major sources: block after block, each column is a short segment (rows elements) of a long storage
+// row, so hardware prefetchers never see a stream; `ahead` elements past each segment (the next block's part of
+// that storage row) are prefetched while this block is copied.
 template <typename T>
-void gather(const T* src, int64_t rows, int64_t cols, int64_t s0, int64_t s1, bool col, float* dst) {
+void gather(const T* src, int64_t rows, int64_t cols, int64_t s0, int64_t s1, bool col, float* dst,
+            int64_t ahead = 0) {
   const int64_t outer = col ? cols : rows, inner = col ? rows : cols;
   const int64_t os = col ? s1 : s0, is = col ? s0 : s1;
+  constexpr int64_t line = 64 / static_cast<int64_t>(sizeof(T));
   for (int64_t a = 0; a < outer; ++a) {
     const T* in = src + a * os;
     float* out = dst + a * inner;
+    if (col && is == 1)
+      for (int64_t b = 0; b < ahead; b += line) __builtin_prefetch(in + inner + b, 0, 2);
     if (is == 1) to_float(in, out, inner);
     else for (int64_t b = 0; b < inner; ++b) out[b] = static_cast<float>(in[b * is]);
   }
@@ -455,7 +462,8 @@ at::Tensor remove_span_cpu(at::TensorList targets, const c10::List<std::optional
           xs1 = p.col ? rows : 1;
           with_dtype(p.t.scalar_type(), [&](auto* tag) {
             using T = std::remove_pointer_t<decltype(tag)>;
-            gather(static_cast<const T*>(p.t.data_ptr()) + off, rows, p.d_in, p.s0, p.s1, p.col, x);
+            const int64_t ahead = std::min(rows, p.d_out - job.row0 - rows);  // the next block's rows
+            gather(static_cast<const T*>(p.t.data_ptr()) + off, rows, p.d_in, p.s0, p.s1, p.col, x, ahead);
           });
         } else {
           x = p.t.data_ptr<float>() + off;
