@@ -431,3 +431,52 @@ def test_attach_resume_mid_run_is_bit_exact_with_several_capability_batches(tmp_
     resumed = run("resumed", 7, resume=str(ckpt))
     diff = max(float((a - b).abs().max()) for a, b in zip(full, resumed))
     assert diff == 0.0, f"resumed run differs from the uninterrupted one by {diff:.3e}"
+
+
+def test_attach_metrics_are_means_over_the_logging_window(tmp_path):
+    H = _hf()
+    from transformers import Trainer, TrainerCallback, TrainingArguments
+
+    from atax_kernels.integrations.hf import attach
+
+    tok = H.make_tokenizer()
+    per_step = []
+
+    class Record(TrainerCallback):  # after the projection, before the optimizer step: this step's statistics
+        def on_pre_optimizer_step(self, args, state, control, **kw):
+            s = handle.last_stats
+            per_step.append((float(s.cosines[0]), float(s.removed_fraction), float(handle.last_ref_norm[0]),
+                             float(s.cosines[0]) ** 2))
+
+    kw = H.base_args(tmp_path, max_steps=4, logging_steps=2, gradient_accumulation_steps=1)
+    trainer = Trainer(model=H.make_model(tok), args=TrainingArguments(**kw), train_dataset=H.lm_dataset(tok),
+                      callbacks=[Record()])
+    handle = attach(trainer, reference=H.capability_batches(tok, n=3), log_tax_rate=True)
+    trainer.train()
+    logs = H.atax_logs(trainer)
+    assert len(logs) == 2 and len(per_step) == 4
+    for w, log in enumerate(logs):
+        window = per_step[2 * w:2 * w + 2]
+        assert window[0][0] != window[1][0]  # the steps differ, so a mean differs from the last value
+        for j, key in enumerate(("atax/cosine", "atax/removed_fraction", "atax/ref_norm", "atax/tax_rate")):
+            want = sum(v[j] for v in window) / 2
+            assert log[key] == pytest.approx(want, rel=1e-9, abs=1e-12), (w, key, log[key], window)
+        assert log["atax/skipped"] == 0.0
+
+
+def test_attach_window_skipped_fraction_and_skipped_steps_left_out():
+    # The window arithmetic on its own: one skipped step of two, NaN cosine on the skipped one.
+    pytest.importorskip("transformers")
+    from atax_kernels.integrations.hf import AtaxHandle
+
+    h = AtaxHandle.__new__(AtaxHandle)
+    h.mode, h.strength, h.granularity, h.log_tax_rate, h._window = "orthogonal", 1.0, "global", True, None
+    good = {"cosine": torch.tensor([0.5], dtype=torch.float64), "removed_fraction": torch.tensor(0.5, dtype=torch.float64),
+            "ref_norm": torch.tensor([2.0], dtype=torch.float64), "tax_rate": torch.tensor(0.25, dtype=torch.float64)}
+    bad = {k: torch.full_like(v, float("nan")) for k, v in good.items()}
+    h._window_add(good, skipped=torch.tensor(False))
+    h._window_add(bad, skipped=torch.tensor(True))
+    h.reference = None
+    values = h.log_values()
+    assert values == {"atax/cosine": 0.5, "atax/ref_norm": 2.0, "atax/removed_fraction": 0.5, "atax/skipped": 0.5,
+                      "atax/tax_rate": 0.25}

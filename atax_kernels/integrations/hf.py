@@ -25,7 +25,10 @@ The trainer then clips (so the logged ``grad_norm`` is the projected one) and st
 Logged (on every logging step, added to the trainer's own log dict): ``atax/cosine`` (cosine between the safety
 gradient and the reference before projection), ``atax/removed_fraction``, ``atax/skipped``, ``atax/ref_norm``.
 With several references (a :class:`~atax_kernels.Subspace`), cosine and ref_norm are logged per reference as
-``atax/cosine/<j>`` and ``atax/ref_norm/<j>`` (scalars, which every logging integration accepts).
+``atax/cosine/<j>`` and ``atax/ref_norm/<j>`` (scalars, which every logging integration accepts). Each value is
+the mean over the optimizer steps since the previous log (the ``logging_steps`` window, as the Trainer averages
+``loss``); ``atax/skipped`` is the fraction of those steps that were skipped, and the other values average the
+steps that were not.
 
 Checkpoints. A ``TrainerCallback.on_save`` writes ``atax_reference.pt`` (``atax_reference_rank<r>.pt`` with
 several processes) into each ``checkpoint-<step>`` folder: the EMA buffers, the Subspace basis and the step
@@ -471,6 +474,7 @@ class AtaxHandle:
                 logs = dict(logs)
                 logs.update(handle.log_values())
                 handle._unlogged = False
+                handle._window = None   # the next logging window starts here
             return orig_log(logs, *args, **kwargs)
 
         def _load_optimizer_and_scheduler(checkpoint: Any, *args: Any, **kwargs: Any) -> Any:
@@ -613,6 +617,7 @@ class AtaxHandle:
             self.last_ref_norm = torch.stack([_global_norm([r[i] for i in idx]) * s for r, s in zip(refs, scales)])
         self.last_stats = stats
         self._unlogged = True
+        self._window_add(self._step_values(stats, self.last_ref_norm), skipped=stats.skipped)
         if isinstance(ref, CapabilitySource) and self.refresh_every == 1:
             self._live = None   # not reused: free it now
 
@@ -666,18 +671,74 @@ class AtaxHandle:
         self.last_activation = self.reference.project_updates_(params, deltas, backend=self.backend)
         torch._foreach_add_(now, deltas)   # old + projected dW
         self._unlogged = True
+        a = self.last_activation
+        frac = a.update_removed_fraction.detach().to(torch.float64).reshape(())
+        self._window_add({"feature_rank_mean": torch.full((), a.feature_rank_mean, dtype=torch.float64,
+                                                          device=frac.device),
+                          "update_removed_fraction": frac})
 
     def _activation_log_values(self) -> dict[str, float]:
+        means = self._window_means()
+        if means is not None:
+            return {f"atax/{k}": float(v) for k, v in means[0].items()}
         a = getattr(self, "last_activation", None)
         if a is None:
             return {}
         return {"atax/feature_rank_mean": float(a.feature_rank_mean),
                 "atax/update_removed_fraction": float(a.update_removed_fraction)}
 
+    # -- the logging window: atax/* are means over the optimizer steps since the previous log, as HF's loss --
+    def _step_values(self, s: ProjectionStats, ref_norm: torch.Tensor) -> dict[str, torch.Tensor]:
+        """This step's loggable values as float64 device tensors (no host sync)."""
+        values = {"cosine": s.cosines.detach().to(torch.float64),
+                  "removed_fraction": s.removed_fraction.detach().to(torch.float64).reshape(()),
+                  "ref_norm": ref_norm.detach().to(torch.float64).to(s.cosines.device)}
+        if getattr(self, "log_tax_rate", False):
+            if s.cosines.numel() == 1:
+                values["tax_rate"] = values["cosine"][0] ** 2
+            elif self.mode == "orthogonal" and self.granularity == "global" and self.strength > 0:
+                values["tax_rate"] = torch.clamp((values["removed_fraction"] / self.strength) ** 2, max=1.0)
+        return values
+
+    def _window_add(self, values: dict[str, torch.Tensor], skipped: torch.Tensor | None = None) -> None:
+        """Add one step to the logging window. A change in the values' shapes (the number of references grew)
+        restarts the window at this step."""
+        shapes = {k: tuple(v.shape) for k, v in values.items()}
+        w = getattr(self, "_window", None)
+        if w is None or w["shapes"] != shapes:
+            dev = next(iter(values.values())).device
+            w = self._window = {"shapes": shapes, "n": 0, "n_ok": torch.zeros((), dtype=torch.float64, device=dev),
+                                "all": {k: torch.zeros_like(v) for k, v in values.items()},
+                                "ok": {k: torch.zeros_like(v) for k, v in values.items()}}
+        ok = (torch.ones((), dtype=torch.bool, device=w["n_ok"].device) if skipped is None
+              else ~skipped.detach().to(w["n_ok"].device))
+        for k, v in values.items():
+            w["all"][k] += v
+            w["ok"][k] += torch.where(ok, v, torch.zeros_like(v))
+        w["n"] += 1
+        w["n_ok"] += ok.to(torch.float64)
+
+    def _window_means(self) -> tuple[dict[str, Any], int, int] | None:
+        """(means, steps, non-skipped steps) of the window, or None when it is empty. One host sync.
+
+        Values average the non-skipped steps (all steps when every one was skipped)."""
+        w = getattr(self, "_window", None)
+        if w is None or w["n"] == 0:
+            return None
+        n, n_ok = w["n"], int(round(float(w["n_ok"])))
+        src, div = (w["ok"], n_ok) if n_ok > 0 else (w["all"], n)
+        return {k: (v / div).cpu().tolist() for k, v in src.items()}, n, n_ok
+
     def log_values(self) -> dict[str, float]:
-        """The ``atax/*`` values of the latest projection, as Python floats (one host sync)."""
-        if isinstance(self.reference, ActivationSubspace):
+        """The ``atax/*`` values as Python floats (one host sync): means over the optimizer steps since the
+        previous log (the trainer's ``logging_steps`` window, as HF averages ``loss``). ``atax/skipped`` is the
+        fraction of those steps that were skipped; the other values average the steps that were not. With
+        nothing accumulated (e.g. right after a log), the latest projection's values."""
+        if isinstance(getattr(self, "reference", None), ActivationSubspace):
             return self._activation_log_values()
+        means = self._window_means()
+        if means is not None:
+            return self._window_log_values(*means)
         s = self.last_stats
         if s is None:
             return {}
@@ -699,6 +760,21 @@ class AtaxHandle:
             out["atax/ref_norm"] = float(norms[0])
         else:
             out.update({f"atax/ref_norm/{j}": float(n) for j, n in enumerate(norms)})
+        return out
+
+    @staticmethod
+    def _window_log_values(means: dict[str, Any], n: int, n_ok: int) -> dict[str, float]:
+        out: dict[str, float] = {}
+        for key in ("cosine", "ref_norm"):
+            vals = means[key]
+            if len(vals) == 1:
+                out[f"atax/{key}"] = float(vals[0])
+            else:
+                out.update({f"atax/{key}/{j}": float(c) for j, c in enumerate(vals)})
+        out["atax/removed_fraction"] = float(means["removed_fraction"])
+        out["atax/skipped"] = (n - n_ok) / n
+        if "tax_rate" in means and n_ok > 0:
+            out["atax/tax_rate"] = float(means["tax_rate"])
         return out
 
     # -- checkpoints ---------------------------------------------------------------------------------------
