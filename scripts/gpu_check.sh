@@ -34,13 +34,16 @@ export PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}"
 export PYTHONDONTWRITEBYTECODE=1
 unset TRITON_INTERPRET ATAX_BACKEND
 
-# The CUDA-relevant tests (the CPU-only suite runs in CI). quick: kernels, projection glue, runtime paths.
-QUICK_TESTS="tests/test_cuda_runtime.py tests/test_gpu_project.py tests/test_ops.py tests/test_triton_kernels.py tests/test_gpu_hygiene.py"
-FULL_TESTS="$QUICK_TESTS tests/test_projection.py tests/test_bad_input.py tests/test_properties.py tests/test_interpolate.py tests/test_tax.py"
+# The CUDA-relevant tests (the CPU-only suite runs in CI). quick: the CUDA runtime paths, the compiled
+# Triton kernels, the projection on CUDA tensors and its hygiene; full adds every backend through the
+# registry (test_ops), the projection modes, bad input, properties and the other GPU-aware modules.
+QUICK_TESTS="tests/test_cuda_runtime.py tests/test_gpu_project.py tests/test_triton_kernels.py tests/test_gpu_hygiene.py"
+FULL_TESTS="$QUICK_TESTS tests/test_ops.py tests/test_projection.py tests/test_bad_input.py tests/test_properties.py tests/test_interpolate.py tests/test_tax.py"
+# Step caps (s). Their sum (+ ~10 s for env and audit) is the tier's bound: quick 240 s, full 480 s.
 if [ "$TIER" = quick ]; then
-  TESTS="$QUICK_TESTS"; T_BUILD=110; T_TEST=75; T_MEMCHECK=25; T_RACECHECK=0; T_BENCH=25
+  TESTS="$QUICK_TESTS"; T_BUILD=120; T_TEST=60; T_MEMCHECK=20; T_RACECHECK=0; T_BENCH=30; SAN_BACKEND=cuda
 else
-  TESTS="$FULL_TESTS"; T_BUILD=120; T_TEST=190; T_MEMCHECK=45; T_RACECHECK=45; T_BENCH=75
+  TESTS="$FULL_TESTS"; T_BUILD=150; T_TEST=190; T_MEMCHECK=45; T_RACECHECK=40; T_BENCH=45; SAN_BACKEND=all
 fi
 # Every file a step runs or reads: the dry run checks they exist and audits their imports.
 FILES="atax_kernels/build.py scripts/gpu_image.py scripts/gpu_bench.py scripts/sanitize_case.py tests/conftest.py $TESTS"
@@ -129,10 +132,13 @@ if [ "$DRY" = 1 ]; then
 elif [ -z "$SAN" ]; then
   record compute-sanitizer FAILED 0 "compute-sanitizer not found"
 else
+  # only the atax kernels (CUDA: namespace atax::cuda; Triton: atax_* kernels); torch's own are skipped
+  FILTER=(--kernel-name kns=atax)
+  "$SAN" --help 2>/dev/null | grep -q -- "--kernel-name" || { FILTER=(); echo "[gpu-check] no --kernel-name filter in this compute-sanitizer: unfiltered"; }
   step memcheck "$T_MEMCHECK" "$P-sanitizer.log" env PYTORCH_NO_CUDA_MEMORY_CACHING=1 "$SAN" --tool memcheck \
-    --kernel-name kns=atax --error-exitcode 3 --leak-check no "$PY" scripts/sanitize_case.py
+    "${FILTER[@]}" --error-exitcode 3 --leak-check no "$PY" scripts/sanitize_case.py --backend "$SAN_BACKEND"
   if [ "$TIER" = full ]; then
-    step racecheck "$T_RACECHECK" "$P-sanitizer.log" "$SAN" --tool racecheck --kernel-name kns=atax \
+    step racecheck "$T_RACECHECK" "$P-sanitizer.log" "$SAN" --tool racecheck "${FILTER[@]}" \
       --error-exitcode 3 --racecheck-report all "$PY" scripts/sanitize_case.py --backend cuda
   else
     skip racecheck "quick tier"

@@ -4,9 +4,10 @@
 // sync, CUDA-graph capturable (replays pick up new coefficient values written into the same tensor).
 // Per segment, thread 0 compacts the non-zero coefficients into shared memory; a term whose
 // coefficient is exactly 0.0 is never read, and a tensor whose coefficients are all zero is not
-// written. Arithmetic in fp32, rounded once to the target dtype. 16-byte vector loads/stores when the
-// target and every vector read are 16-byte aligned at the segment start, scalar otherwise and in the
-// tail.
+// written. Arithmetic in fp32, rounded once to the target dtype. 16-byte vector loads/stores from the
+// first element offset (< 8, the peeled head, scalar) at which the target and every vector read are
+// 16-byte aligned, scalar in the tail and for a segment where no such offset exists. combine_ is
+// element-wise, so its bits do not depend on which path an element takes.
 #include <torch/library.h>
 
 #include "multi_tensor.cuh"
@@ -24,7 +25,7 @@ __global__ void __launch_bounds__(kThreads) combine_kernel(TableView tv, const d
   __shared__ const void* vb[kMaxK];
   __shared__ int8_t vd[kMaxK];
   __shared__ int nnz;
-  __shared__ bool aligned_all;
+  __shared__ int head_sh;
   const int tid = threadIdx.x;
   const int c = blockIdx.x;
   const int s_begin = tv.chunk_seg[c];
@@ -50,23 +51,33 @@ __global__ void __launch_bounds__(kThreads) combine_kernel(TableView tv, const d
         }
         nnz = q;
       }
-      bool al = aligned16(tgt, tdt, start);
       for (int q = 0; q < nnz; ++q) {
         const int64_t li = static_cast<int64_t>(1 + idx[q]) * tv.n + t;
         vb[q] = reinterpret_cast<const void*>(tv.ptrs[li]);
         vd[q] = tv.dtypes[li];
-        al = al && aligned16(vb[q], vd[q], start);
       }
-      aligned_all = al;
+      int h = 0;
+      for (; h < kVec; ++h) {  // first offset that aligns the target and every vector read
+        bool al = aligned16(tgt, tdt, start + h);
+        for (int q = 0; q < nnz && al; ++q) al = aligned16(vb[q], vd[q], start + h);
+        if (al) break;
+      }
+      head_sh = h < kVec ? h : -1;
     }
     prev_t = t;
     __syncthreads();
     const int nz = nnz;
     if (nz > 0) {
-      int64_t scalar_from = 0;
-      if (aligned_all) {
-        const int64_t len8 = len & ~static_cast<int64_t>(kVec - 1);
-        for (int64_t i = static_cast<int64_t>(tid) * kVec; i < len8; i += static_cast<int64_t>(kThreads) * kVec) {
+      auto scalar = [&](int64_t i) {
+        float acc = 0.f;
+        for (int q = 0; q < nz; ++q) acc = fmaf(cf[q], load1(vb[q], vd[q], start + i), acc);
+        store1(tgt, tdt, start + i, load1(tgt, tdt, start + i) - acc);
+      };
+      // [0, head): scalar peel; [head, vec_end): 128-bit loads/stores; [vec_end, len): scalar tail
+      const int64_t head = (head_sh < 0 || head_sh >= len) ? len : head_sh;
+      const int64_t vec_end = head + ((len - head) & ~static_cast<int64_t>(kVec - 1));
+      {
+        for (int64_t i = head + static_cast<int64_t>(tid) * kVec; i < vec_end; i += static_cast<int64_t>(kThreads) * kVec) {
           float acc[kVec];
 #pragma unroll
           for (int e = 0; e < kVec; ++e) acc[e] = 0.f;
@@ -83,13 +94,9 @@ __global__ void __launch_bounds__(kThreads) combine_kernel(TableView tv, const d
           for (int e = 0; e < kVec; ++e) y[e] -= acc[e];
           store8(tgt, tdt, start + i, y);
         }
-        scalar_from = len8;
       }
-      for (int64_t i = scalar_from + tid; i < len; i += kThreads) {
-        float acc = 0.f;
-        for (int q = 0; q < nz; ++q) acc = fmaf(cf[q], load1(vb[q], vd[q], start + i), acc);
-        store1(tgt, tdt, start + i, load1(tgt, tdt, start + i) - acc);
-      }
+      // one scalar loop over the head and the tail: element q < head is q, the others vec_end + (q - head)
+      for (int64_t q = tid; q < head + (len - vec_end); q += kThreads) scalar(q < head ? q : vec_end + (q - head));
     }
     __syncthreads();
   }

@@ -26,8 +26,10 @@
 //  * capturing, miss: the table is written to host memory from cudaHostAlloc (called under a relaxed
 //    capture-mode guard, like torch's own allocator) and copied with cudaMemcpyAsync on the capturing
 //    stream, which records a memcpy node that re-reads that host buffer at each replay; the device
-//    buffer comes from the graph's private pool. The entry is permanent and its host buffer is never
-//    freed (it must outlive every graph that replays the copy). So a capture works with or without a
+//    buffer comes from the graph's private pool. Its device buffer is filled only when the graph is
+//    replayed, so the entry is NOT put in the shared cache (an eager call before the first replay
+//    would read an unfilled table): it is kept alive, never freed, in a separate list (host and device
+//    buffers must outlive every graph that replays the copy). So a capture works with or without a
 //    warm-up call; warm-up is still the cheaper path (the replayed graph then has no memcpy node).
 #pragma once
 
@@ -235,6 +237,12 @@ inline TableCache& table_cache() {
   return *c;
 }
 
+// Tables built during a capture (guarded by table_cache().mu): alive for the process, never looked up.
+inline std::vector<std::shared_ptr<TableEntry>>& captured_tables() {
+  static auto* v = new std::vector<std::shared_ptr<TableEntry>>();
+  return *v;
+}
+
 inline size_t align_up(size_t x, size_t a) { return (x + a - 1) / a * a; }
 
 // lists[l][i]: contiguous tensors, same numel for every l given i, same device.
@@ -381,7 +389,11 @@ inline std::shared_ptr<TableEntry> get_table(const std::vector<std::vector<at::T
   v.num_chunks = static_cast<int32_t>(C);
   e->total_numel = total;
 
-  cache.insert(key, e);
+  if (capturing) {
+    captured_tables().push_back(e);
+  } else {
+    cache.insert(key, e);
+  }
   return e;
 }
 
