@@ -25,6 +25,7 @@ import numpy as np
 import torch
 
 from . import _validate as V
+from ._cone import CONE_RTOL, nonneg_quadratic_min, nonneg_quadratic_min_batch  # noqa: F401 (re-exported)
 from .ops.registry import Backend, resolve
 
 MODES = ("orthogonal", "conflict")
@@ -123,53 +124,14 @@ def _pinv_solve(G: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return (Q @ (inv * coords).unsqueeze(-1)).squeeze(-1)
 
 
-def _pinv_np(G: np.ndarray) -> np.ndarray:
-    w, Q = np.linalg.eigh(G)
-    top = w.max(initial=0.0)
-    inv = np.where(w > EIG_RTOL * top, 1.0 / np.where(w > 0, w, 1.0), 0.0) if top > 0 else np.zeros_like(w)
-    return (Q * inv) @ Q.T
-
-
-def nonneg_quadratic_min(G: np.ndarray, b: np.ndarray, gg: float) -> np.ndarray:
-    """``argmin_{mu >= 0} 1/2 mu^T G mu + mu^T b`` by an active-set method (Lawson–Hanson on the Gram).
-
-    ``-(G mu + b)_j`` is the dot of reference j with the projected gradient, so a reference joins the
-    active set only while it still conflicts by more than a tolerance relative to ``|r_j| |g|``.
-    """
-    k = b.shape[0]
-    mu = np.zeros(k)
-    passive = np.zeros(k, dtype=bool)
-    scale = np.sqrt(np.maximum(np.diag(G), 0.0) * max(gg, 0.0))
-    tol = 1e-9 * scale + 1e-300
-    for _ in range(4 * k + 8):
-        w = -(G @ mu + b)
-        candidates = (~passive) & (w > tol)
-        if not candidates.any():
-            break
-        passive[int(np.argmax(np.where(candidates, w, -np.inf)))] = True
-        for _inner in range(4 * k + 8):
-            idx = np.flatnonzero(passive)
-            z = np.zeros(k)
-            z[idx] = -_pinv_np(G[np.ix_(idx, idx)]) @ b[idx]
-            if (z[idx] > 0).all():
-                mu = z
-                break
-            bad = idx[z[idx] <= 0]
-            denom = mu[bad] - z[bad]
-            steps = np.where(denom > 0, mu[bad] / np.where(denom > 0, denom, 1.0), 0.0)
-            step = float(steps.min()) if steps.size else 0.0
-            mu = mu + step * (z - mu)
-            passive &= mu > 0
-            mu[~passive] = 0.0
-            if not passive.any():
-                break
-    return np.maximum(mu, 0.0)
-
-
 def _solve_coefs(
-    G: torch.Tensor, b: torch.Tensor, gg: torch.Tensor, mode: str, strength: float
+    G: torch.Tensor, b: torch.Tensor, gg: torch.Tensor, mode: str, strength: float,
+    cone_rtol: float = CONE_RTOL,
 ) -> torch.Tensor:
-    """Coefficients ``c`` (``g' = g - R^T c``) for one or a batch of problems (leading dims of ``b``)."""
+    """Coefficients ``c`` (``g' = g - R^T c``) for one or a batch of problems (leading dims of ``b``).
+
+    ``cone_rtol``: conflicts smaller than this (a cosine) are left in place by the cone solve.
+    """
     k = b.shape[-1]
     if k == 1:
         denom = G[..., 0, :]  # [..., 1]
@@ -185,11 +147,10 @@ def _solve_coefs(
     b_hat = b * d
     if mode == "orthogonal":
         return strength * d * _pinv_solve(G_hat, b_hat)
+    # One host copy for the whole batch (this is the sync k >= 2 needs); see _cone for the solve.
     Gh, bh, ggh = G_hat.cpu().numpy(), b_hat.cpu().numpy(), gg.cpu().numpy()
-    if bh.ndim == 1:
-        mu = nonneg_quadratic_min(Gh, bh, float(ggh))
-    else:
-        mu = np.stack([nonneg_quadratic_min(Gh[i], bh[i], float(ggh[i])) for i in range(bh.shape[0])])
+    mu = nonneg_quadratic_min_batch(Gh.reshape(-1, k, k), bh.reshape(-1, k), ggh.reshape(-1), cone_rtol)
+    mu = mu.reshape(bh.shape)
     return -strength * d * torch.from_numpy(mu).to(b.device)
 
 
