@@ -26,11 +26,14 @@ What is protected (``modules=None``: every such module with a trainable weight):
   uses (all of them: a used token's row *is* its input, nothing partial to leave out); with ``contrast`` the
   tokens whose capability frequency exceeds ``contrast`` x their safety frequency; ``energy=0`` protects none,
   ``max_rank`` keeps the most frequent. Their update is zeroed.
-* Biases and norm weights are left free (``biases="free"``, ``norms="free"``, the defaults), or their updates
-  zeroed with ``"freeze"``. Decided by measurement on the modular task's tiny Llama (atax_kernels/tasks,
-  300 steps, lr 3e-4 / 1e-3, energy 0.99, seed 0, see the report in tests/test_activation.py's header):
-  freezing the RMSNorm weights changed held-out capability by less than the seed spread while costing
-  safety progress, so free is the default; the same held for the biases of a bias-enabled variant.
+* Biases of protected modules and normalisation weights: their updates are zeroed by default
+  (``biases="freeze"``, ``norms="freeze"``; ``"free"`` leaves them to the optimizer). A bias or a norm gain
+  moves the output for *every* input, so left free it spends exactly what the projection protects. Measured
+  (``finetune_safety(method="activation")``, energy 0.99, 300 AdamW steps, held-out scores, lr 3e-4 / 1e-3):
+  biases on a bias-enabled tiny Llama, modular task, seeds 0 and 1: capability 0.94 / 0.74 and 0.96 / 0.86
+  free against 1.00 / 1.00 and 1.00 / 0.99 frozen, safety 1.00 in all eight runs. RMSNorm weights: modular
+  task 1.00 either way (it saturates); overflow task (semantic trigger), seed 0: capability 0.58 / 0.16 free
+  against 0.72 / 0.41 frozen, safety 0.86 / 1.00 against 0.80 / 0.96.
 
 Shared inputs: modules whose forward pre-hook receives the same live input tensor in one forward (q/k/v read
 the same normed hidden state, gate/up too) are found at run time and share one accumulator and one basis.
@@ -164,8 +167,9 @@ class ActivationSubspace:
         modules: exactly these modules (objects or names from ``model.named_modules()``) instead of every
             supported one. An unsupported module given here is a TypeError.
         basis_dtype: dtype of the stored bases (float32; bfloat16 halves their memory).
-        biases: ``"free"`` (default, measured) or ``"freeze"`` (zero the bias updates of protected modules).
-        norms: ``"free"`` (default, measured) or ``"freeze"`` (zero the updates of normalisation weights).
+        biases: ``"freeze"`` (default, measured: zero the bias updates of protected modules) or ``"free"``.
+        norms: ``"freeze"`` (default, measured: zero the updates of normalisation weights, i.e. the parameters
+            of modules named ``*Norm``/``LayerNorm``/``GroupNorm``) or ``"free"``.
         process_group: the data-parallel group to sum second moments over in ``update()`` (default: the
             default group when ``torch.distributed`` is initialised, else no communication).
     """
@@ -181,8 +185,8 @@ class ActivationSubspace:
         max_rank: int | None = None,
         modules: Iterable[nn.Module | str] | None = None,
         basis_dtype: torch.dtype = torch.float32,
-        biases: str = "free",
-        norms: str = "free",
+        biases: str = "freeze",
+        norms: str = "freeze",
         process_group: Any = None,
     ) -> None:
         if not isinstance(model, nn.Module):
@@ -989,50 +993,66 @@ def _select_rank(w: torch.Tensor, energy: float, max_rank: int | None) -> int:
 
 
 def _subspace_iteration(m: torch.Tensor, energy: float, max_rank: int | None, prev: torch.Tensor | None,
-                        *, tol: float = 1e-9, max_iters: int = 200) -> torch.Tensor:
+                        *, tol: float = 1e-7, max_iters: int = 100) -> torch.Tensor:
     """Top eigenvectors of the PSD ``m`` holding ``energy`` of its trace: block subspace iteration with
-    Rayleigh-Ritz, warm-started from ``prev``; the block grows until it holds the energy. Converged when the
-    residual of the kept Ritz pairs is below ``tol`` of the largest eigenvalue."""
+    Rayleigh-Ritz (one ``m @ Q`` per iteration), warm-started from ``prev``; the block (>= 2 r + 16 columns,
+    so the kept vectors converge at rate lambda_b / lambda_r) grows until it holds the energy, and falls back
+    to a full eigh once it would reach half of d. Converged when the kept Ritz pairs' residual
+    ``|m q - w q|`` is below ``tol`` of the largest eigenvalue (the span's error is that over the gap)."""
     d = m.shape[0]
     trace = float(m.diagonal().sum())
     if not trace > 0:
         return m.new_zeros((d, 0))
-    gen = torch.Generator(device=m.device).manual_seed(d)  # same start on every rank
+
+    def full() -> torch.Tensor:
+        w, v = torch.linalg.eigh(m)
+        w, v = w.flip(0), v.flip(1)
+        return v[:, :_select_rank(w, energy, max_rank)].contiguous()
+
+    gen = torch.Generator(device=m.device).manual_seed(d)  # the same start on every rank
     r0 = 0 if prev is None else prev.shape[1]
-    b = min(d, max(32, 2 * r0 + 8))
+    b = max(64, 2 * r0 + 16)
+    if 2 * b >= d:
+        return full()
     q = torch.randn(d, b, generator=gen, dtype=m.dtype, device=m.device)
-    if prev is not None and r0:
+    if r0:
         q[:, :r0] = prev.to(m.dtype)
+    q = torch.linalg.qr(q)[0]
     while True:
-        q, _ = torch.linalg.qr(q)
-        k = 0
+        k, last_k, kept, last_kept, held, last_held = 0, -1, 0.0, -1.0, 0.0, -1.0
         for _ in range(max_iters):
-            t = q.t() @ m @ q
+            z = m @ q
+            t = q.t() @ z
             w, v = torch.linalg.eigh((t + t.t()) * 0.5)
             w, v = w.flip(0), v.flip(1)
-            q = q @ v
-            pos = torch.where(w > float(w[0]) * 1e-12, w, torch.zeros_like(w))
-            held = float(pos.sum())
-            # the energy is taken against the exact trace; the block's Ritz values are lower bounds
-            k = _select_rank(torch.cat([w, w.new_tensor([max(trace - held, 0.0)])]), energy, max_rank)
-            k = min(k, b)
+            q, z = q @ v, z @ v
+            top = float(w[0])
+            if not top > 0:
+                return m.new_zeros((d, 0))
+            held = float(torch.where(w > top * 1e-12, w, torch.zeros_like(w)).sum())
+            # energy against the exact trace: what the block misses counts as one more (last) eigenvalue
+            k = min(b, _select_rank(torch.cat([w, w.new_tensor([max(trace - held, 0.0)])]), energy, max_rank))
             if k == 0:
                 return m.new_zeros((d, 0))
-            mq = m @ q[:, :k]
-            res = float(torch.linalg.norm(mq - q[:, :k] * w[:k]))
-            if res <= tol * float(w[0]):
-                break
-            q, _ = torch.linalg.qr(m @ q)
-        enough = held >= energy * trace * (1 - 1e-9) or (max_rank is not None and k >= max_rank) or k < b
-        if enough:
+            kept = float(w[:k].sum())  # exactly the energy q[:, :k] holds (Rayleigh quotients)
+            if k < b and k == last_k:
+                res = float(torch.linalg.norm(z[:, :k] - q[:, :k] * w[:k])) / math.sqrt(k)
+                # converged vectors, or a kept energy that no longer moves (a flat spectrum at the cut,
+                # where which of the near-equal directions is kept does not matter)
+                if res <= tol * top or abs(kept - last_kept) <= 1e-9 * trace:
+                    break
+            if 2 * k + 16 > b and last_held >= 0 and held - last_held <= 1e-4 * trace:
+                break  # the block is too small for the rank it needs to converge fast: grow it
+            last_k, last_kept, last_held = k, kept, held
+            q = torch.linalg.qr(z)[0]
+        if 2 * k + 16 <= b or (max_rank is not None and k >= max_rank and k < b):
             return q[:, :k].contiguous()
-        if 2 * b >= d:
-            w, v = torch.linalg.eigh(m)
-            w, v = w.flip(0), v.flip(1)
-            return v[:, :_select_rank(w, energy, max_rank)].contiguous()
-        extra = torch.randn(d, b, generator=gen, dtype=m.dtype, device=m.device)
-        q = torch.cat([q, extra], 1)
-        b = 2 * b
+        grow = max(2 * b, 2 * k + 16)
+        if 4 * grow >= d:
+            return full()  # a rank this large relative to d: the full eigh is cheaper
+        extra = torch.randn(d, grow - b, generator=gen, dtype=m.dtype, device=m.device)
+        q = torch.linalg.qr(torch.cat([q, extra], 1))[0]
+        b = grow
 
 
 def _sq(t: torch.Tensor) -> torch.Tensor:

@@ -465,3 +465,24 @@ def test_memory_bytes_is_sum_of_bases():
         want = sum(g.d_in * g.basis.shape[1] for g in sub._groups) * torch.tensor([], dtype=dtype).element_size()
         assert sub.memory_bytes() == want > 0
         assert all(g.acc["capability"] is None for g in sub._groups)  # accumulators freed after update
+
+
+@pytest.mark.parametrize("setting", ["freeze", "free"])
+def test_biases_and_norms_frozen_by_default_free_on_request(setting):
+    """GPT-2: LayerNorm weights/biases and Conv1D biases keep their values by default ("freeze") and train
+    with "free"; the ActivationSubspace default is "freeze"."""
+    model = tiny_gpt2()
+    kw = {} if setting == "freeze" else dict(biases="free", norms="free")
+    sub = ActivationSubspace(model, **kw)
+    assert (sub.biases, sub.norms) == (setting, setting)
+    with torch.no_grad(), sub.observe():
+        model(input_ids=CAP_IDS)
+    sub.update()
+    watched = {"ln_f.weight": model.transformer.ln_f.weight, "ln_1.bias": model.transformer.h[0].ln_1.bias,
+               "c_attn.bias": model.transformer.h[0].attn.c_attn.bias, "c_fc.bias": model.transformer.h[1].mlp.c_fc.bias}
+    old = {k: v.detach().clone() for k, v in watched.items()}
+    opt = ProjectedOptimizer(torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1),
+                             activation_subspace=sub)
+    safety_step(model, opt)
+    for k, v in watched.items():
+        assert torch.equal(v, old[k]) == (setting == "freeze"), k

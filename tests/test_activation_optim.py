@@ -45,7 +45,7 @@ def test_removed_fraction_matches_oracle_and_weight_decay_is_projected():
     x = low_rank_inputs()
     model = mlp()
     plain = copy.deepcopy(model)
-    sub = observed(model, x, energy=1.0)
+    sub = observed(model, x, energy=1.0, biases="free")
     opt = ProjectedOptimizer(torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.5),
                              activation_subspace=sub, target="update")
     popt = torch.optim.AdamW(plain.parameters(), lr=1e-2, weight_decay=0.5)
