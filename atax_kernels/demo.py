@@ -28,6 +28,7 @@ import argparse
 import copy
 import hashlib
 import json
+import math
 import os
 import statistics
 import sys
@@ -399,7 +400,6 @@ def plot(rows: list[dict[str, Any]], path: str) -> None:
             ax.set_ylim(-0.03, 1.03)
             ax.grid(alpha=0.3)
             ax.set_title(f"{task}: held-out {what} vs learning rate")
-        ax_cap.legend(fontsize=7, ncol=2, loc="best")
         lrs = sorted({r["lr"] for r in agg if r["task"] == task})
         mid = lrs[len(lrs) // 2]
         families: dict[str, list[dict[str, Any]]] = {}
@@ -431,12 +431,17 @@ def plot(rows: list[dict[str, Any]], path: str) -> None:
         ax_trade.set_title(f"{task}: what each dial trades (lr {mid:g})")
     seeds = sorted({r["seed"] for r in rows})
     fig.suptitle(f"Alignment tax on two tiny tasks, held-out scores ({len(seeds)} seed(s); error bars: std over seeds)")
-    fig.tight_layout()
+    # one legend for the learning-rate panels of every task (same colours, markers and lines), outside the axes
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=min(6, max(1, len(labels))), fontsize=8, frameon=False)
+    fig.tight_layout(rect=(0, 0.03 + 0.025 * math.ceil(len(labels) / 6) / len(task_names), 1, 0.97))
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
 
-def markdown_report(rows: list[dict[str, Any]], argv: Sequence[str], wall_s: float) -> str:
+def markdown_report(rows: list[dict[str, Any]], argv: Sequence[str], wall_s: float | None) -> str:
+    """The report: header (machine, date, commit, command), summary matrix, every row, legend. ``wall_s`` None:
+    re-rendered from saved rows (the header then says so instead of a run time)."""
     from .bench.core import environment
 
     env = environment("cpu", [])
@@ -447,7 +452,9 @@ def markdown_report(rows: list[dict[str, Any]], argv: Sequence[str], wall_s: flo
         f"- machine: {env['machine']}; date: {env['date_utc']}; git commit: {env['git_commit']}",
         f"- versions: python {env['python']}, torch {env['torch']}, atax_kernels {env['atax_kernels']}",
         f"- command: `python -m atax_kernels.demo {' '.join(argv)}`",
-        f"- {len(rows)} rows, seeds {seeds}, in {wall_s:.0f} s; steps {rows[0]['steps'] if rows else '-'}",
+        f"- {len(rows)} rows, seeds {seeds}, "
+        + (f"in {wall_s:.0f} s" if wall_s is not None else "re-rendered from saved rows (run time: see the run's log)")
+        + f"; steps {rows[0]['steps'] if rows else '-'}; wall s per row: one run on one thread, 2 runs side by side",
         "",
         "## Summary",
         "",
@@ -475,23 +482,31 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--jobs", type=int, default=None,
                     help="worker processes training runs side by side (default: up to 2); rows do not depend on it")
     ap.add_argument("--no-progress", action="store_true")
+    ap.add_argument("--from-json", default=None, metavar="ROWS",
+                    help="train nothing: re-render the tables/plot from rows a previous run wrote with --json")
     args = ap.parse_args(argv)
     if args.quick and args.full:
         ap.error("--quick and --full exclude each other")
     t0 = time.perf_counter()
-    rows = run(quick=args.quick, full=args.full, seeds=args.seeds, steps=args.steps, task_names=args.task,
-               progress=not args.no_progress, jobs=args.jobs)
+    if args.from_json:
+        with open(args.from_json) as f:
+            rows = json.load(f)
+        if not isinstance(rows, list) or not rows or not all(isinstance(r, dict) and "task" in r for r in rows):
+            ap.error(f"--from-json {args.from_json}: expected the list of rows a demo run wrote with --json")
+    else:
+        rows = run(quick=args.quick, full=args.full, seeds=args.seeds, steps=args.steps, task_names=args.task,
+                   progress=not args.no_progress, jobs=args.jobs)
     wall = time.perf_counter() - t0
     print(format_summary(rows))
     print(format_table(rows))
     print(LEGEND)
     print(f"\n{len(rows)} rows in {wall:.1f} s")
-    if args.json:
+    if args.json and not args.from_json:
         with open(args.json, "w") as f:
             json.dump(rows, f, indent=1)
     if args.markdown:
         with open(args.markdown, "w") as f:
-            f.write(markdown_report(rows, argv, wall))
+            f.write(markdown_report(rows, argv, None if args.from_json else wall))
     if args.plot:
         plot(rows, args.plot)
         print(f"plot: {args.plot}")
