@@ -439,22 +439,27 @@ def plot(rows: list[dict[str, Any]], path: str) -> None:
     plt.close(fig)
 
 
-def markdown_report(rows: list[dict[str, Any]], argv: Sequence[str], wall_s: float | None) -> str:
-    """The report: header (machine, date, commit, command), summary matrix, every row, legend. ``wall_s`` None:
-    re-rendered from saved rows (the header then says so instead of a run time)."""
+def run_info(argv: Sequence[str], wall_s: float) -> dict[str, Any]:
+    """Where and how rows were made: machine, date, commit, versions, command, wall time (saved with them)."""
     from .bench.core import environment
 
     env = environment("cpu", [])
+    return dict(env, command=f"python -m atax_kernels.demo {' '.join(argv)}", wall_s=wall_s)
+
+
+def markdown_report(rows: list[dict[str, Any]], info: dict[str, Any]) -> str:
+    """The report: header (machine, date, commit, command and wall time of the run that made the rows, from
+    :func:`run_info`), summary matrix, every row, legend."""
+    env = info
     seeds = sorted({r["seed"] for r in rows})
     head = [
         "# atax_kernels demo: the alignment tax of a tiny Llama on two tasks, held-out scores",
         "",
         f"- machine: {env['machine']}; date: {env['date_utc']}; git commit: {env['git_commit']}",
         f"- versions: python {env['python']}, torch {env['torch']}, atax_kernels {env['atax_kernels']}",
-        f"- command: `python -m atax_kernels.demo {' '.join(argv)}`",
-        f"- {len(rows)} rows, seeds {seeds}, "
-        + (f"in {wall_s:.0f} s" if wall_s is not None else "re-rendered from saved rows (run time: see the run's log)")
-        + f"; steps {rows[0]['steps'] if rows else '-'}; wall s per row: one run on one thread, 2 runs side by side",
+        f"- command: `{env['command']}`" + (f" (this report re-rendered by `{env['rendered_by']}`)"
+                                            if env.get("rendered_by") else ""),
+        f"- {len(rows)} rows, seeds {seeds}, in {env['wall_s']:.0f} s; steps {rows[0]['steps'] if rows else '-'}; wall s per row: one run on one thread, 2 runs side by side",
         "",
         "## Summary",
         "",
@@ -490,23 +495,26 @@ def main(argv: Sequence[str] | None = None) -> int:
     t0 = time.perf_counter()
     if args.from_json:
         with open(args.from_json) as f:
-            rows = json.load(f)
-        if not isinstance(rows, list) or not rows or not all(isinstance(r, dict) and "task" in r for r in rows):
-            ap.error(f"--from-json {args.from_json}: expected the list of rows a demo run wrote with --json")
+            saved = json.load(f)
+        rows, info = (saved.get("rows"), saved.get("run")) if isinstance(saved, dict) else (None, None)
+        if not isinstance(rows, list) or not rows or not isinstance(info, dict) \
+                or not all(isinstance(r, dict) and "task" in r for r in rows):
+            ap.error(f"--from-json {args.from_json}: expected {{'run': ..., 'rows': [...]}} as written by --json")
+        info = dict(info, rendered_by=f"python -m atax_kernels.demo {' '.join(argv)}")
     else:
         rows = run(quick=args.quick, full=args.full, seeds=args.seeds, steps=args.steps, task_names=args.task,
                    progress=not args.no_progress, jobs=args.jobs)
-    wall = time.perf_counter() - t0
+        info = run_info(argv, time.perf_counter() - t0)
     print(format_summary(rows))
     print(format_table(rows))
     print(LEGEND)
-    print(f"\n{len(rows)} rows in {wall:.1f} s")
+    print(f"\n{len(rows)} rows in {info['wall_s']:.1f} s")
     if args.json and not args.from_json:
         with open(args.json, "w") as f:
-            json.dump(rows, f, indent=1)
+            json.dump({"run": info, "rows": rows}, f, indent=1)
     if args.markdown:
         with open(args.markdown, "w") as f:
-            f.write(markdown_report(rows, argv, None if args.from_json else wall))
+            f.write(markdown_report(rows, info))
     if args.plot:
         plot(rows, args.plot)
         print(f"plot: {args.plot}")

@@ -68,9 +68,17 @@ def test_ptx_keeps_more_held_out_capability_than_plain(quick_runs):
 
 def test_report_and_plot(quick_runs, tmp_path):
     rows, _ = quick_runs
-    text = demo.markdown_report(rows, ["--quick"], 1.0)
-    for needle in ("machine:", "git commit:", "held-out", "### task `modular`", "### task `overflow`", "Columns:"):
+    text = demo.markdown_report(rows, demo.run_info(["--quick"], 1.0))
+    for needle in ("machine:", "git commit:", "held-out", "### task `modular`", "### task `overflow`", "Columns:",
+                   "`python -m atax_kernels.demo --quick`"):
         assert needle in text
+    # saved rows re-render to the same tables, with the original run's header
+    saved = tmp_path / "rows.json"
+    saved.write_text(json.dumps({"run": demo.run_info(["--quick"], 12.0), "rows": rows}))
+    md = tmp_path / "again.md"
+    assert demo.main(["--from-json", str(saved), "--markdown", str(md)]) == 0
+    again = md.read_text()
+    assert demo.format_table(rows) in again and "in 12 s" in again and "re-rendered by" in again
     png = tmp_path / "demo.png"
     demo.plot(rows, str(png))
     assert png.stat().st_size > 10_000
