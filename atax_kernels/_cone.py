@@ -16,7 +16,9 @@ How the answer is made trustworthy:
    (rounding has made it dependent on the active ones; letting it in gives the zero-length steps that
    cycle), and the blocking reference of every interpolation step leaves the active set explicitly
    (rounding can leave it at 1e-16 instead of 0). Sub-problems are solved by SVD least squares, so an
-   exactly dependent active set gets the minimum-norm solution instead of an error.
+   exactly dependent active set gets the minimum-norm solution instead of an error. Conflicts below
+   ``rtol`` but above ``CONE_FINE_RTOL`` are resolved too when the reference is independent of the active
+   ones to the Gram's precision (accuracy for well-conditioned problems; never chasing rounding).
 3. The KKT conditions are checked on the result, not assumed: ``mu >= 0``, ``G mu + b >= -tol`` and
    ``|G mu + b|_j <= tol`` wherever ``mu_j > 0`` (these bound ``|g' - g'_exact|^2`` by
    ``sum_j mu_j (G mu + b)_j``).
