@@ -154,12 +154,13 @@ def nearly_dependent(R: np.ndarray) -> bool:
     return bool(((gap > 1e-13) & (gap < 1e-4)).any())
 
 
-def sweep_failures(problems, xs, *, rtol: float, backward: float,
-                   eps: float = F64_EPS) -> list[tuple[float, float, float, int]]:
+def sweep_failures(problems, xs, *, rtol: float, backward: float, eps: float = F64_EPS,
+                   rounding: float = 1000.0) -> list[tuple[float, float, float, int]]:
     """(error, allowed, violation, index) of every x that is not the cone projection of its g.
 
-    ``x`` must be feasible to ``beta = backward + 100 eps kappa`` (cosines; ``eps`` of the arithmetic that
-    formed the Gram and applied the coefficients) and within ``rtol + beta / sigma`` (relative to |g|) of
+    ``x`` must be feasible to ``beta = backward + rounding * eps * kappa`` (cosines; ``eps`` of the
+    arithmetic that formed the Gram and applied the coefficients: multipliers summing to kappa cancel, and
+    so do their rounding errors, only that well) and within ``rtol + beta / sigma`` (relative to |g|) of
     the oracle's answer; see :func:`oracle_solve`.
     """
     failures = []
@@ -170,7 +171,7 @@ def sweep_failures(problems, xs, *, rtol: float, backward: float,
             if np.any(x != 0):
                 failures.append((float(np.linalg.norm(x)), 0.0, 0.0, i))
             continue
-        beta = backward + 100 * eps * kappa
+        beta = backward + rounding * eps * kappa
         allowed = rtol + beta / sigma
         err = float(np.linalg.norm(x - want)) / gn
         viol = worst_violation(R, g, x)
@@ -331,7 +332,8 @@ def test_project_random_sample_fp32(backend, device):
         x = grad.cpu().double().numpy()
         problems.append((R, g))
         failures += [f[:3] + (len(problems) - 1,)
-                     for f in sweep_failures([(R, g)], [x], rtol=1e-5, backward=2 * CONE_RTOL, eps=F32_EPS)]
+                     for f in sweep_failures([(R, g)], [x], rtol=1e-5, backward=2 * CONE_RTOL, eps=F32_EPS,
+                                             rounding=100.0)]
     assert not failures, describe(failures, problems, len(problems))
 
 
