@@ -32,8 +32,10 @@ What is protected (``modules=None``: every such module with a trainable weight):
   (``finetune_safety(method="activation")``, energy 0.99, 300 AdamW steps, held-out scores, lr 3e-4 / 1e-3):
   biases on a bias-enabled tiny Llama, modular task, seeds 0 and 1: capability 0.94 / 0.74 and 0.96 / 0.86
   free against 1.00 / 1.00 and 1.00 / 0.99 frozen, safety 1.00 in all eight runs. RMSNorm weights: modular
-  task 1.00 either way (it saturates); overflow task (semantic trigger), seed 0: capability 0.58 / 0.16 free
-  against 0.72 / 0.41 frozen, safety 0.86 / 1.00 against 0.80 / 0.96.
+  task 1.00 / 1.00 either way (it saturates); overflow task (semantic trigger), seeds 0 and 1: capability
+  0.58 / 0.16 and 0.38 / 0.03 free against 0.72 / 0.41 and 0.73 / 0.30 frozen, safety 0.86 / 1.00 and
+  0.68 / 1.00 free against 0.80 / 0.96 and 0.51 / 0.92 frozen. So freezing norms is a trade there (more
+  capability kept, slower safety), and it is the setting under which the guarantee below holds exactly.
 
 Shared inputs: modules whose forward pre-hook receives the same live input tensor in one forward (q/k/v read
 the same normed hidden state, gate/up too) are found at run time and share one accumulator and one basis.
