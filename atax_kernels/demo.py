@@ -502,9 +502,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             ap.error(f"--from-json {args.from_json}: expected {{'run': ..., 'rows': [...]}} as written by --json")
         info = dict(info, rendered_by=f"python -m atax_kernels.demo {' '.join(argv)}")
     else:
+        info = run_info(argv, 0.0)  # machine, date and commit as the run starts (the tree may move during it)
         rows = run(quick=args.quick, full=args.full, seeds=args.seeds, steps=args.steps, task_names=args.task,
                    progress=not args.no_progress, jobs=args.jobs)
-        info = run_info(argv, time.perf_counter() - t0)
+        info["wall_s"] = time.perf_counter() - t0
     print(format_summary(rows))
     print(format_table(rows))
     print(LEGEND)
