@@ -14,7 +14,8 @@ fi
 [ -n "$PY312" ] || { echo "[compat] no Python 3.12 found (set PYTHON312)" >&2; exit 2; }
 if [ ! -f "$VENV/.installed" ]; then
   [ -x "$VENV/bin/python" ] || "$PY312" -m venv "$VENV"
-  "$VENV/bin/pip" install -q "torch==2.11.0" "triton==3.6.0" numpy pytest hypothesis scipy psutil
+  # numpy < 2.3: triton 3.6's interpreter converts 1-element arrays with int(): numpy 2.2 warns, 2.5 raises
+  "$VENV/bin/pip" install -q "torch==2.11.0" "triton==3.6.0" "numpy<2.3" pytest hypothesis scipy psutil
   touch "$VENV/.installed"
 fi
 "$VENV/bin/python" -c "import sys, torch, triton; print('[compat] python', sys.version.split()[0], 'torch', torch.__version__, 'triton', triton.__version__)"

@@ -21,7 +21,7 @@ gram = importlib.import_module("atax_kernels.ops.triton.gram")
 TYPES = {
     "first_ptr": "*i64", "numels_ptr": "*i64", "ptrs_ptr": "*i64", "qs_ptr": "*i64", "dts_ptr": "*i64",
     "al_ptr": "*i64", "coef_ptr": "*fp64", "part_ptr": "*fp64", "base32": "*fp32", "base16": "*fp16",
-    "basebf": "*bf16", "n": "i64", "total": "i64", "steps": "i32", "K": "i32", "COEF_STRIDE": "i32",
+    "basebf": "*bf16", "n": "i64", "total": "i64", "K": "i32", "COEF_STRIDE": "i32",
 }
 
 

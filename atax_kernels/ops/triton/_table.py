@@ -99,6 +99,15 @@ def anchor(device: torch.device) -> torch.Tensor:
     return a
 
 
+def launcher(kernel):
+    """``torch.library.wrap_triton(kernel)`` (traceable inside a triton_op), or the kernel itself where this torch
+    refuses it: torch 2.11 does not accept triton 3.6's interpreted kernels (TRITON_INTERPRET=1), 2.14 does."""
+    try:
+        return torch.library.wrap_triton(kernel)
+    except RuntimeError:
+        return kernel
+
+
 def device_guard(device: torch.device):
     """``torch.cuda.device(device)`` for CUDA tensors (launch on the tensors' GPU, not the current one)."""
     return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
@@ -290,7 +299,8 @@ def typed_ptr(entry, base, ALIGNED: tl.constexpr):
 
 
 @triton.jit
-def chunk_bounds(first_ptr, numels_ptr, pid, n, total, steps, CHUNK: tl.constexpr, FLAT: tl.constexpr):
+def chunk_bounds(first_ptr, numels_ptr, pid, n, total, STEPS: tl.constexpr, CHUNK: tl.constexpr,
+                 FLAT: tl.constexpr):
     """(tensor index, first element, length) of chunk ``pid``: from the program id over one flat buffer, or
     by a binary search of ``pid`` in the chunk prefix ``first`` (the last tensor whose first chunk <= pid;
     zero-size tensors own no chunk, so they are never found)."""
@@ -301,11 +311,13 @@ def chunk_bounds(first_ptr, numels_ptr, pid, n, total, steps, CHUNK: tl.constexp
     else:
         lo = pid * 0
         hi = lo + (n - 1)
-        for _ in range(0, steps):
+        for _ in tl.static_range(STEPS):  # constexpr: ceil(log2 n) + 1 takes few values (1 for flat)
             mid = (lo + hi + 1) // 2
-            go = tl.load(first_ptr + mid) <= pid
-            lo = tl.where(go, mid, lo)
-            hi = tl.where(go, hi, mid - 1)
+            # arithmetic select, not tl.where: triton 3.6's interpreter turns a scalar where into a 1-element
+            # array that range() then rejects
+            go = (tl.load(first_ptr + mid) <= pid).to(tl.int64)
+            lo = lo + go * (mid - lo)
+            hi = mid - 1 + go * (hi - mid + 1)
         tidx = lo
         # (chunk index inside its tensor) * CHUNK: visibly a multiple of CHUNK for the alignment analysis
         start = (pid - tl.load(first_ptr + tidx)) * CHUNK

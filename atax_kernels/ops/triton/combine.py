@@ -96,11 +96,12 @@ def _combine_chunk(ptrs_ptr, dts_ptr, cbase, n, tidx, K, start, length, base32, 
 
 @triton.jit
 def atax_combine_kernel(
-    first_ptr, numels_ptr, ptrs_ptr, qs_ptr, dts_ptr, al_ptr, coef_ptr, base32, base16, basebf, n, total, steps,
+    first_ptr, numels_ptr, ptrs_ptr, qs_ptr, dts_ptr, al_ptr, coef_ptr, base32, base16, basebf, n, total,
     K, COEF_STRIDE, CHUNK: tl.constexpr, BLOCK: tl.constexpr, FLAT: tl.constexpr, VEC: tl.constexpr,
+    STEPS: tl.constexpr,
 ):
     pid = tl.program_id(0).to(tl.int64)
-    tidx, start, length = _table.chunk_bounds(first_ptr, numels_ptr, pid, n, total, steps, CHUNK, FLAT)
+    tidx, start, length = _table.chunk_bounds(first_ptr, numels_ptr, pid, n, total, STEPS, CHUNK, FLAT)
     cbase = coef_ptr + tidx * COEF_STRIDE
     anynz = 0
     for j in range(K):
@@ -119,11 +120,12 @@ def atax_combine_kernel(
 
 
 _combine_kernel = atax_combine_kernel  # the name before the kernels carried the "atax" prefix
+_launch = _table.launcher(atax_combine_kernel)
 
 
-def constexprs(flat: bool, vec: bool) -> dict:
+def constexprs(flat: bool, vec: bool, steps: int = 1) -> dict:
     """Compile-time parameters of ``atax_combine_kernel`` (also used by the PTX probe)."""
-    return dict(CHUNK=_table.CHUNK, BLOCK=_BLOCK, FLAT=flat, VEC=vec)
+    return dict(CHUNK=_table.CHUNK, BLOCK=_BLOCK, FLAT=flat, VEC=vec, STEPS=1 if flat else steps)
 
 
 def _combine_impl(target: list[torch.Tensor], vectors: list[torch.Tensor], coefs: torch.Tensor) -> None:
@@ -137,9 +139,9 @@ def _combine_impl(target: list[torch.Tensor], vectors: list[torch.Tensor], coefs
     tab = _table.get_table(lists, flat)
     if tab.n_chunks > 0 and k > 0:
         with _table.device_guard(target[0].device):
-            torch.library.wrap_triton(atax_combine_kernel)[(tab.n_chunks,)](
+            _launch[(tab.n_chunks,)](
                 tab.first, tab.numels, tab.ptrs, tab.qs, tab.dts, tab.al, coefs, *tab.bases, tab.n, tab.total,
-                tab.search_steps, k, k if per_tensor else 0, **constexprs(flat, tab.any_aligned),
+                k, k if per_tensor else 0, **constexprs(flat, tab.any_aligned, tab.search_steps),
             )
     for t, c in zip(target, lists[0]):
         if c.data_ptr() != t.data_ptr() and c.numel():  # a copy (not an alias of t's memory): write it back

@@ -124,12 +124,12 @@ def _store_block(part, blk, r0, c0, M: tl.constexpr, R: tl.constexpr, C: tl.cons
 
 @triton.jit
 def atax_gram_chunk_kernel(
-    first_ptr, numels_ptr, ptrs_ptr, qs_ptr, dts_ptr, al_ptr, part_ptr, base32, base16, basebf, n, total, steps,
+    first_ptr, numels_ptr, ptrs_ptr, qs_ptr, dts_ptr, al_ptr, part_ptr, base32, base16, basebf, n, total,
     M: tl.constexpr, MP: tl.constexpr, MA: tl.constexpr, MB: tl.constexpr, HAS_B: tl.constexpr,
-    CHUNK: tl.constexpr, BLOCK: tl.constexpr, FLAT: tl.constexpr, VEC: tl.constexpr,
+    CHUNK: tl.constexpr, BLOCK: tl.constexpr, FLAT: tl.constexpr, VEC: tl.constexpr, STEPS: tl.constexpr,
 ):
     pid = tl.program_id(0).to(tl.int64)
-    tidx, start, length = _table.chunk_bounds(first_ptr, numels_ptr, pid, n, total, steps, CHUNK, FLAT)
+    tidx, start, length = _table.chunk_bounds(first_ptr, numels_ptr, pid, n, total, STEPS, CHUNK, FLAT)
     part = part_ptr + pid * (M * M)
     use_vec = 0
     if VEC:  # the 128-bit path exists only when some tensor of the call is aligned; then per tensor
@@ -174,12 +174,14 @@ def atax_seg_reduce_kernel(part_ptr, segs_ptr, out_ptr, MM, R: tl.constexpr, COL
     tl.store(out_ptr + s * MM + cols, acc, mask=cmask)
 
 
+_launch_chunk = _table.launcher(atax_gram_chunk_kernel)
+_launch_reduce = _table.launcher(atax_seg_reduce_kernel)
 # the names before the kernels carried the "atax" prefix (compute-sanitizer filters on it)
 _gram_chunk_kernel = atax_gram_chunk_kernel
 _seg_reduce_kernel = atax_seg_reduce_kernel
 
 
-def constexprs(m: int, flat: bool, vec: bool) -> dict:
+def constexprs(m: int, flat: bool, vec: bool, steps: int = 1) -> dict:
     """Compile-time parameters of ``atax_gram_chunk_kernel`` for m vectors (also used by the PTX probe)."""
     mp = max(16, triton.next_power_of_2(m))
     if m <= SMALL_M:
@@ -189,7 +191,8 @@ def constexprs(m: int, flat: bool, vec: bool) -> dict:
     else:
         ma, mb = 1, 1
         block = {16: 128, 32: 64}.get(mp, 32)
-    return dict(M=m, MP=mp, MA=ma, MB=mb, HAS_B=m > 4, CHUNK=_table.CHUNK, BLOCK=block, FLAT=flat, VEC=vec)
+    return dict(M=m, MP=mp, MA=ma, MB=mb, HAS_B=m > 4, CHUNK=_table.CHUNK, BLOCK=block, FLAT=flat, VEC=vec,
+                STEPS=1 if flat else steps)
 
 
 def _gram_impl(vectors: list[torch.Tensor], m: int, per_tensor: bool) -> torch.Tensor:
@@ -207,15 +210,15 @@ def _gram_impl(vectors: list[torch.Tensor], m: int, per_tensor: bool) -> torch.T
         level1 = torch.empty((max(n_spans, 1), mm), dtype=torch.float64, device=device)
         out = torch.empty((nseg, m, m), dtype=torch.float64, device=device)
         if tab.n_chunks > 0:
-            torch.library.wrap_triton(atax_gram_chunk_kernel)[(tab.n_chunks,)](
+            _launch_chunk[(tab.n_chunks,)](
                 tab.first, tab.numels, tab.ptrs, tab.qs, tab.dts, tab.al, partials, *tab.bases, tab.n, tab.total,
-                tab.search_steps, **constexprs(m, flat, tab.any_aligned),
+                **constexprs(m, flat, tab.any_aligned, tab.search_steps),
             )
         if n_spans > 0:
-            torch.library.wrap_triton(atax_seg_reduce_kernel)[(n_spans, triton.cdiv(mm, _COLS))](
+            _launch_reduce[(n_spans, triton.cdiv(mm, _COLS))](
                 partials, spans, level1, mm, R=_R, COLS=_COLS,
             )
-        torch.library.wrap_triton(atax_seg_reduce_kernel)[(nseg, triton.cdiv(mm, _COLS))](
+        _launch_reduce[(nseg, triton.cdiv(mm, _COLS))](
             level1, segs, out, mm, R=_R, COLS=_COLS,
         )
         # exact symmetry: mirror the upper triangle
