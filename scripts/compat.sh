@@ -23,4 +23,4 @@ fi
 # CPU extension only (a CUDA build takes minutes and nothing here can run it).
 export ATAX_EXT_DIR="${ATAX_EXT_DIR:-build/ext-compat}" OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}" TRITON_INTERPRET=1 ATAX_BUILD_CUDA=0
 exec "$VENV/bin/python" -m pytest -q -p no:cacheprovider tests/test_ops.py tests/test_projection.py \
-  tests/test_triton_kernels.py tests/test_gpu_hygiene.py tests/test_gpu_check_dryrun.py "$@"
+  tests/test_triton_kernels.py tests/test_triton_ptx.py tests/test_gpu_hygiene.py tests/test_gpu_check_dryrun.py "$@"
