@@ -119,10 +119,11 @@ def test_shared_basis_none_and_low_precision_basis(backend, device):
 
 @pytest.mark.parametrize("backend", [b for b in BACKENDS if b != "triton"])
 def test_block_boundaries_and_large_rank(backend, device):
-    # cpu blocks: 256 KB of fp32 rows for r <= 256 (1024 rows at d_in = 64), 256 rows above; r <= 128 takes
+    # cpu blocks: 256 KB of fp32 rows for r <= 256 (1024 rows at d_in = 64), <= 8 MB above; r <= 128 takes
     # the AVX-512 microkernels where the CPU has them, 128 < r takes BLAS (both layouts of each)
     gen = torch.Generator().manual_seed(4)
-    shapes = [(1100, 64, 8), (300, 300, 290), (513, 40, 40), (70, 200, 150)]
+    # 1000 rows at d_in = 2100, r = 260: two blocks of the large-rank path (<= 8 MB of fp32 rows each)
+    shapes = [(1100, 64, 8), (300, 300, 290), (513, 40, 40), (70, 200, 150), (1000, 2100, 260)]
     targets = [_make_target(o, i, torch.float32, "transposed" if k % 2 else "contiguous", gen, device)
                for k, (o, i, _) in enumerate(shapes)]
     bases = [_orth(i, r, gen).float().to(device) for _, i, r in shapes]
@@ -195,7 +196,7 @@ def test_cpu_same_bits_at_one_and_two_threads():
         pytest.skip("cpu backend unavailable")
     gen = torch.Generator().manual_seed(7)
     # several blocks per target (1100 rows at d_in = 64 -> 2 blocks), a transposed view, a large-rank target
-    shapes = [(1100, 64, 8), (600, 48, 16), (300, 300, 290), (70, 200, 150)]
+    shapes = [(1100, 64, 8), (600, 48, 16), (300, 300, 290), (70, 200, 150), (1000, 2100, 260)]
     w0 = [torch.randn(o, i, generator=gen) for o, i, _ in shapes]
     w0[1] = torch.randn(48, 600, generator=gen).t()
     bases = [_orth(i, r, gen).float() for _, i, r in shapes]

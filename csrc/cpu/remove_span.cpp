@@ -35,9 +35,10 @@ namespace {
 // fp32 bytes of one block of rows: about a quarter of a Zen/Skylake-class L2, leaving room for U and T
 constexpr int64_t kBlockBytes = 256 * 1024;
 
-// above this rank the op is matmul-bound: bigger blocks keep the GEMMs efficient (U no longer fits L2 anyway)
+// above this rank the op is matmul-bound: taller blocks keep the GEMMs efficient (U no longer fits L2 anyway);
+// rows capped so that a block of fp32 rows stays <= 8 MB
 constexpr int64_t kLargeRank = 256;
-constexpr int64_t kLargeRows = 256;
+constexpr int64_t kLargeRows = 1024;
 
 // MKL's Fortran sgemm, exported by libtorch_cpu (LP64). Weak: a torch without it loads fine and takes the
 // at::mm fallback below.
@@ -439,7 +440,8 @@ at::Tensor remove_span_cpu(at::TensorList targets, const c10::List<std::optional
           p.ut = b.ut.data_ptr<float>();
         }
       }
-      int64_t rows = p.r > kLargeRank ? kLargeRows : kBlockBytes / (4 * std::max<int64_t>(p.d_in, 1));
+      int64_t rows = p.r > kLargeRank ? std::min<int64_t>(kLargeRows, (8 << 20) / (4 * std::max<int64_t>(p.d_in, 1)))
+                                      : kBlockBytes / (4 * std::max<int64_t>(p.d_in, 1));
       rows = std::min(p.d_out, std::max<int64_t>(16, rows / 16 * 16));
       for (int64_t r0 = 0; r0 < p.d_out; r0 += rows) jobs.push_back(Job{i, r0, std::min(rows, p.d_out - r0)});
       if (p.layout == 2 || p.r == 0) max_x = std::max(max_x, rows * p.d_in);
