@@ -249,6 +249,7 @@ def markdown_report(env: dict, probe: dict, records: list[dict], wall_s: float) 
         "x torch.matmul = min time / min time of two torch.matmul per module (in the target's dtype); rel err = "
         "‖result − float64 oracle‖ / ‖ΔW‖ on the first and last module. r is clipped to d_in.",
         "",
+        "",
     ]
     return "\n".join(head) + format_table(records) + "\n"
 
@@ -293,10 +294,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     for d in args.dtype.split(","):
         if d.strip() not in DTYPES:
             raise SystemExit(f"unknown dtype {d!r}; choose from {', '.join(DTYPES)}")
+    env = environment(args.device, argv)  # before the run: the commit that was measured
     t0 = time.perf_counter()
     records, probe = run(args)
     wall = time.perf_counter() - t0
-    env = environment(args.device, argv)
     env["command"] = " ".join([os.path.basename(sys.executable), "-m", "atax_kernels.bench.remove_span", *argv])
     print(f"stream triad best {probe['bandwidth_GBps_best']:.1f} GB/s, fp32 matmul best "
           f"{probe['matmul_GFLOPs_best']:.1f} GFLOP/s; wall {wall:.1f} s")
