@@ -459,8 +459,10 @@ def test_table_built_during_graph_capture_is_not_cached(monkeypatch):
     _table.clear_cache()
     gen = torch.Generator().manual_seed(34)
     vectors = [make_list([(5000,), (3,)], [torch.float32], gen) for _ in range(2)]
+    n_captured = len(_table._captured)
     check_gram(call_gram(vectors, False), vectors, False)
-    assert len(_table._cache) == 0
+    assert len(_table._cache) == 0 and len(_table._captured) == n_captured + 1  # kept alive, not shared
+    _table._captured.pop()
     monkeypatch.setattr(_table, "_capturing", lambda device: False)
     call_gram(vectors, False)
     assert len(_table._cache) == 1

@@ -114,6 +114,9 @@ def device_guard(device: torch.device):
 
 
 _cache: "OrderedDict[tuple, Table]" = OrderedDict()
+# Tables built during a CUDA-graph capture: never looked up, kept alive for the process (the graph's copy
+# and kernels read their buffers at every replay; freed memory could be reused inside the same capture).
+_captured: list[Table] = []
 
 
 def clear_cache() -> None:
@@ -278,9 +281,11 @@ def get_table(lists: list[list[torch.Tensor]], flat: bool) -> Table:
         ptrs = [t.data_ptr() for lst in lists for t in lst]
         dts = [dtype_code(t.dtype) for lst in lists for t in lst]
     tab = _build(device, flat, ptrs, dts, numels)
-    if not _capturing(device):
-        # during capture the upload is a captured copy: an eager call before the first replay would read
-        # an unfilled buffer, so such a table is never shared
+    if _capturing(device):
+        # the upload is a captured copy: an eager call before the first replay would read an unfilled
+        # buffer, so such a table is never shared
+        _captured.append(tab)
+    else:
         _cache[key] = tab
         while len(_cache) > _CACHE_SIZE:
             _cache.popitem(last=False)
