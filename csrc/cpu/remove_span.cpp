@@ -39,6 +39,8 @@ constexpr int64_t kBlockBytes = 256 * 1024;
 // rows capped so that a block of fp32 rows stays <= 8 MB
 constexpr int64_t kLargeRank = 256;
 constexpr int64_t kLargeRows = 1024;
+// fp32 basis copies (converted, padded, transposed) held at once; a single larger basis is still converted
+constexpr int64_t kBasisBatchBytes = int64_t(64) << 20;
 
 // MKL's Fortran sgemm, exported by libtorch_cpu (LP64). Weak: a torch without it loads fine and takes the
 // at::mm fallback below.
@@ -373,9 +375,9 @@ at::Tensor remove_span_cpu(at::TensorList targets, const c10::List<std::optional
   const bool micro = false;
 #endif
 
-  // Targets grouped by basis tensor (q/k/v share one), in order of first appearance. Each group converts its
-  // basis (fp32, padded, transposed) just before its blocks run and frees it after, so the extra memory is one
-  // basis's copies plus the per-thread block scratch, never a copy of every basis at once.
+  // Targets grouped by basis tensor (q/k/v share one), in order of first appearance. A group's basis is
+  // converted (fp32, padded, transposed) just before its blocks run and freed after, so the extra memory is
+  // at most kBasisBatchBytes (or one basis's copies) plus the per-thread block scratch.
   std::vector<Plan> plans(static_cast<size_t>(n));
   std::vector<const void*> group_key;
   std::vector<std::vector<int64_t>> group_members;
@@ -412,41 +414,55 @@ at::Tensor remove_span_cpu(at::TensorList targets, const c10::List<std::optional
   }
 
   double* sp = stats.data_ptr<double>();
-  for (size_t g = 0; g < group_key.size(); ++g) {
-    const std::vector<int64_t>& members = group_members[g];
-    BasisF32 b;
-    if (group_key[g] != nullptr) {
-      const int64_t i0 = members[0];
-      const Plan& p0 = plans[i0];
-      b.u = bases.get(i0)->to(at::kFloat).contiguous();
-      if (p0.nc > 0) {
-        if (p0.r % 16 == 0) {
-          b.up = b.u;  // already [d_in, 16 nc]
-        } else {
-          b.up = at::zeros({p0.d_in, 16 * p0.nc}, b.u.options());
-          b.up.narrow(1, 0, p0.r).copy_(b.u);
-        }
-        b.ut = b.u.t().contiguous();
-      }
-    }
+  // Groups run in batches: bases converted until the batch holds kBasisBatchBytes of copies, then one parallel
+  // region for all the batch's blocks (one barrier per batch, not per basis: a barrier costs a whole time
+  // slice when the machine is oversubscribed).
+  const size_t ngroups = group_key.size();
+  for (size_t g0 = 0; g0 < ngroups;) {
+    std::vector<BasisF32> held;
     std::vector<Job> jobs;
-    int64_t max_x = 0, max_t = 0;
-    for (int64_t i : members) {
-      Plan& p = plans[i];
-      if (b.u.defined()) {
-        p.u = b.u.data_ptr<float>();
-        if (p.nc > 0) {
-          p.up = b.up.data_ptr<float>();
-          p.ut = b.ut.data_ptr<float>();
+    int64_t max_x = 0, max_t = 0, held_bytes = 0;
+    size_t g = g0;
+    for (; g < ngroups && (g == g0 || held_bytes < kBasisBatchBytes); ++g) {
+      const std::vector<int64_t>& members = group_members[g];
+      BasisF32 b;
+      if (group_key[g] != nullptr) {
+        const int64_t i0 = members[0];
+        const Plan& p0 = plans[i0];
+        b.u = bases.get(i0)->to(at::kFloat).contiguous();
+        held_bytes += b.u.numel() * 4;
+        if (p0.nc > 0) {
+          if (p0.r % 16 == 0) {
+            b.up = b.u;  // already [d_in, 16 nc]
+          } else {
+            b.up = at::zeros({p0.d_in, 16 * p0.nc}, b.u.options());
+            b.up.narrow(1, 0, p0.r).copy_(b.u);
+            held_bytes += b.up.numel() * 4;
+          }
+          b.ut = b.u.t().contiguous();
+          held_bytes += b.ut.numel() * 4;
         }
       }
-      int64_t rows = p.r > kLargeRank ? std::min<int64_t>(kLargeRows, (8 << 20) / (4 * std::max<int64_t>(p.d_in, 1)))
-                                      : kBlockBytes / (4 * std::max<int64_t>(p.d_in, 1));
-      rows = std::min(p.d_out, std::max<int64_t>(16, rows / 16 * 16));
-      for (int64_t r0 = 0; r0 < p.d_out; r0 += rows) jobs.push_back(Job{i, r0, std::min(rows, p.d_out - r0)});
-      if (p.layout == 2 || p.r == 0) max_x = std::max(max_x, rows * p.d_in);
-      max_t = std::max(max_t, rows * std::max<int64_t>(p.r, 16 * p.nc));
+      for (int64_t i : members) {
+        Plan& p = plans[i];
+        if (b.u.defined()) {
+          p.u = b.u.data_ptr<float>();
+          if (p.nc > 0) {
+            p.up = b.up.data_ptr<float>();
+            p.ut = b.ut.data_ptr<float>();
+          }
+        }
+        int64_t rows = p.r > kLargeRank
+                           ? std::min<int64_t>(kLargeRows, (8 << 20) / (4 * std::max<int64_t>(p.d_in, 1)))
+                           : kBlockBytes / (4 * std::max<int64_t>(p.d_in, 1));
+        rows = std::min(p.d_out, std::max<int64_t>(16, rows / 16 * 16));
+        for (int64_t r0 = 0; r0 < p.d_out; r0 += rows) jobs.push_back(Job{i, r0, std::min(rows, p.d_out - r0)});
+        if (p.layout == 2 || p.r == 0) max_x = std::max(max_x, rows * p.d_in);
+        max_t = std::max(max_t, rows * std::max<int64_t>(p.r, 16 * p.nc));
+      }
+      held.push_back(std::move(b));
     }
+    g0 = g;
     const int64_t nj = static_cast<int64_t>(jobs.size());
     std::vector<double> before(static_cast<size_t>(nj), 0.0), removed(static_cast<size_t>(nj), 0.0);
     at::parallel_for(0, nj, 1, [&](int64_t jb, int64_t je) {
