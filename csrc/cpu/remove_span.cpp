@@ -3,11 +3,12 @@
 //
 // Work is split into fixed blocks of rows of one target (the block size depends only on the shapes, never on
 // the thread count). A block is small enough to stay in L2, so T = X U and X -= T Uᵀ read it from cache: ΔW
-// streams from DRAM once and back once. Each block runs two single-threaded BLAS calls (MKL/oneDNN through
-// at::native::cpublas; OpenMP parallelism is over blocks), directly on the target's memory when its rows or its
-// columns are unit-stride fp32 (a GPT-2 Conv1D weight's .t() is column-major: the GEMM takes it transposed),
-// otherwise through an fp32 copy of the block (bf16/fp16 are upcast there and rounded once on the way back).
-// Per-block norms are float64 partials summed in block order: same bits on every run and every thread count.
+// streams from DRAM once and back once. OpenMP parallelism is over blocks; each block is computed by one
+// thread: for r <= 128 on AVX-512 CPUs by the microkernels below, otherwise by two single-threaded MKL sgemm
+// calls. Row-major fp32 targets are updated in place; column-major ones (a GPT-2 Conv1D weight's .t()) in
+// place only on the sgemm path; everything else goes through an fp32 copy of the block (bf16/fp16 upcast
+// there, rounded once on the way back). Per-block norms are float64 partials summed in block order: same
+// bits on every run and every thread count.
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
