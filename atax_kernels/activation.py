@@ -55,6 +55,7 @@ all-reduce of one flat float64 buffer), so every replica computes the same basis
 from __future__ import annotations
 
 import contextlib
+import itertools
 import math
 import sys
 import weakref
@@ -222,6 +223,7 @@ class ActivationSubspace:
         self.skipped_batches = 0
         self.last_skip_reason: str | None = None
         self.loader: Any = None
+        self.max_batches: int | None = None
         self.forward_fn: Callable[[nn.Module, Any], Any] | None = None
 
     # -- discovery ---------------------------------------------------------------------------------
@@ -305,6 +307,8 @@ class ActivationSubspace:
 
     def _find_frozen(self, model: nn.Module) -> list[tuple[str, nn.Parameter]]:
         out: list[tuple[str, nn.Parameter]] = []
+        if self.energy == 0:  # energy 0 protects nothing: nothing frozen either (the step is the plain one)
+            return out
         if self.biases == "freeze":
             for e in self._entries:
                 b = getattr(e.module, "bias", None)
@@ -392,13 +396,21 @@ class ActivationSubspace:
             self._handles.append(self.model.register_forward_pre_hook(lambda m, a: self._begin_forward()))
             self._handles.append(self.model.register_forward_hook(lambda m, a, o: self._end_forward()))
             yield self
+        except BaseException:
+            failed = True
+            raise
+        else:
+            failed = False
         finally:
             for h in self._handles:
                 h.remove()
             self._handles = []
             try:
                 self._depth = 0
-                self._commit()
+                if failed:
+                    self._discard_staged()  # a forward that raised part-way is not folded in
+                else:
+                    self._commit()
             finally:
                 self._observing, self._mask, self._seen = None, None, {}
 
@@ -443,8 +455,9 @@ class ActivationSubspace:
         m = self._mask
         if m is None:
             return x.reshape(-1, d)
-        if tuple(x.shape[:-1]) == tuple(m.shape):
-            return x[m.to(x.device)]
+        lead = _broadcast_to_mask(x.shape[:-1], m.shape)
+        if lead is not None:
+            return x.expand(*lead, d)[m.to(x.device)]
         if x.reshape(-1, d).shape[0] == m.numel():
             return x.reshape(-1, d)[m.reshape(-1).to(x.device)]
         raise ValueError(f"{name}: input of shape {tuple(x.shape)} does not match attention_mask {tuple(m.shape)}")
@@ -495,8 +508,9 @@ class ActivationSubspace:
             raise TypeError(f"{e.name}: nn.Embedding input must be integer token ids, got {ids.dtype}")
         m = self._mask
         if m is not None:
-            if tuple(ids.shape) == tuple(m.shape):
-                ids = ids[m.to(ids.device)]
+            lead = _broadcast_to_mask(ids.shape, m.shape)
+            if lead is not None:  # e.g. GPT-2's position ids [1, S] against a [B, S] mask
+                ids = ids.expand(*lead)[m.to(ids.device)]
             elif ids.numel() == m.numel():
                 ids = ids.reshape(-1)[m.reshape(-1).to(ids.device)]
             else:
@@ -509,6 +523,17 @@ class ActivationSubspace:
         else:
             e.stage_counts[side].add_(c)
         self._staged = True
+
+    def _discard_staged(self) -> None:
+        side = self._observing
+        self._staged = False
+        for g in self._groups:
+            g.stage[side], g.stage_count[side] = None, 0.0
+            for n in g.pending:
+                g.pending[n] = 0
+        for e in self._entries:
+            if e.kind == "embedding":
+                e.stage_counts[side] = None
 
     def _commit(self) -> None:
         """Fold this forward's staged moments in if every one is finite (one host sync)."""
@@ -719,10 +744,13 @@ class ActivationSubspace:
         """Project the updates ``deltas[i]`` (same shapes as ``params[i]``, detached) in place.
 
         ``params`` must be a subset of :meth:`parameters` (others are ignored and left unchanged).
-        Returns the step's :class:`ActivationStats`.
+        Returns the step's :class:`ActivationStats`. Everything that can fail (sharded layouts, the op's
+        checks) is checked before any delta is written, so on an error ``deltas`` are unchanged.
         """
         from .ops import remove_span_
 
+        zero_rows: list[tuple[torch.Tensor, torch.Tensor]] = []  # written only after the op succeeded
+        zero_all: list[torch.Tensor] = []
         where = {id(p): i for i, p in enumerate(params)}
         targets: list[torch.Tensor] = []
         bases: list[torch.Tensor | None] = []
@@ -743,7 +771,7 @@ class ActivationSubspace:
                     rows = d.index_select(0, e.tokens)
                     row_parts.append(torch.stack([_sq(d), _sq(rows)]))
                     row_names.append(label)
-                    d.index_fill_(0, e.tokens, 0)
+                    zero_rows.append((d, e.tokens))
                     continue
                 if role == "dense_t":
                     if _is_dtensor(params[i]) or _is_dtensor(deltas[i]):
@@ -770,12 +798,16 @@ class ActivationSubspace:
             d = _local(deltas[i])
             row_parts.append(torch.stack([_sq(d), _sq(d)]))
             row_names.append(label)
-            d.zero_()
+            zero_all.append(d)
         dev = deltas[0].device if deltas else torch.device("cpu")
         if targets:
             per = remove_span_(targets, bases, backend=backend)
         else:
             per = torch.zeros((0, 2), dtype=torch.float64, device=dev)
+        for d, tokens in zero_rows:
+            d.index_fill_(0, tokens, 0)
+        for d in zero_all:
+            d.zero_()
         if row_parts:
             per = torch.cat([per, torch.stack(row_parts).to(per.device)])
         tot = per.sum(0) if per.numel() else torch.zeros(2, dtype=torch.float64, device=dev)
@@ -899,9 +931,7 @@ class ActivationSubspace:
         was_training = self.model.training
         self.model.eval()  # capability inputs as inference sees them: no dropout noise widening the span
         with torch.no_grad():
-            for batch in loader:
-                if max_batches is not None and n >= max_batches:
-                    break
+            for batch in (loader if max_batches is None else itertools.islice(loader, max_batches)):
                 mask = batch.get("attention_mask") if isinstance(batch, dict) else None
                 with self.observe(side=side, attention_mask=mask):
                     if forward is not None:
@@ -916,7 +946,10 @@ class ActivationSubspace:
         """Observe the loader given to :meth:`from_loader` again (from the current model) and update."""
         if self.loader is None:
             raise RuntimeError("refresh() needs the loader of ActivationSubspace.from_loader()")
-        self.observe_loader(self.loader, forward=self.forward_fn)
+        n = self.observe_loader(self.loader, forward=self.forward_fn, max_batches=self.max_batches)
+        if n == 0:
+            raise RuntimeError("refresh(): the loader yielded no batch (an exhausted iterator?); the bases were "
+                               "left as they were")
         self.update(decay)
 
     @classmethod
@@ -926,8 +959,11 @@ class ActivationSubspace:
 
         The loader is kept (``refresh()``, ``attach(refresh_every=N)`` re-observe it from the current model).
         """
+        if iter(loader) is loader:
+            raise TypeError("from_loader: loader is a one-shot iterator (a generator?); refresh() must be able to "
+                            "observe it again: pass a re-iterable (a list, a DataLoader)")
         sub = cls(model, **kwargs)
-        sub.loader, sub.forward_fn = loader, forward
+        sub.loader, sub.forward_fn, sub.max_batches = loader, forward, max_batches
         n = sub.observe_loader(loader, forward=forward, max_batches=max_batches)
         if n == 0:
             raise ValueError("from_loader: the loader yielded no batch")
@@ -941,6 +977,17 @@ class ActivationSubspace:
 
 
 # -- helpers ----------------------------------------------------------------------------------------
+def _broadcast_to_mask(lead: torch.Size | tuple, mask_shape: torch.Size | tuple) -> tuple[int, ...] | None:
+    """``mask_shape`` when inputs with leading dims ``lead`` broadcast to it (equal, or 1 where the mask is
+    larger, as position ids [1, S] do against a [B, S] mask), else None."""
+    lead, mask_shape = tuple(lead), tuple(mask_shape)
+    if len(lead) != len(mask_shape):
+        return None
+    if all(a == b or a == 1 for a, b in zip(lead, mask_shape)):
+        return mask_shape
+    return None
+
+
 def _default_forward(model: nn.Module, batch: Any, device: torch.device) -> Any:
     def mv(t: Any) -> Any:
         return t.to(device) if isinstance(t, torch.Tensor) else t

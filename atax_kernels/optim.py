@@ -385,8 +385,13 @@ class ProjectedOptimizer(torch.optim.Optimizer):
         if sub is None:
             return self._step_references(closure)
         if self.reference_fn is not None and self._steps % self.refresh_every == 0:
-            with sub.observe():
-                self.reference_fn()
+            was_training = sub.model.training
+            sub.model.eval()  # as observe_loader: capability inputs without dropout noise widening the span
+            try:
+                with sub.observe():
+                    self.reference_fn()
+            finally:
+                sub.model.train(was_training)
             sub.update()
         managed = {id(p) for p in self._params()}
         protected = [p for p in sub.parameters() if id(p) in managed]
@@ -398,7 +403,11 @@ class ProjectedOptimizer(torch.optim.Optimizer):
             torch._foreach_sub_(deltas, now)
             torch._foreach_neg_(deltas)     # realised update dW = new - old
             torch._foreach_sub_(now, deltas)  # back to old (exact where old and new are within 2x: Sterbenz)
-            act = sub.project_updates_(protected, deltas, backend=self.backend)
+            try:
+                act = sub.project_updates_(protected, deltas, backend=self.backend)
+            except BaseException:
+                torch._foreach_add_(now, deltas)  # deltas untouched on error: leave the plain step, then raise
+                raise
             torch._foreach_add_(now, deltas)  # old + projected dW
             del deltas
         else:

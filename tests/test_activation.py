@@ -486,3 +486,93 @@ def test_biases_and_norms_frozen_by_default_free_on_request(setting):
     safety_step(model, opt)
     for k, v in watched.items():
         assert torch.equal(v, old[k]) == (setting == "freeze"), k
+
+
+# --- found in review -----------------------------------------------------------------------------
+
+def test_gpt2_with_a_padding_mask_through_from_loader():
+    """GPT-2's position embedding reads ids of shape [1, S] against a [B, S] mask: broadcast, not refused."""
+    model = tiny_gpt2()
+    ids = torch.tensor([[1, 2, 3, 4, 0, 0], [5, 6, 7, 8, 9, 10], [2, 3, 0, 0, 0, 0]])
+    mask = (torch.arange(6)[None] < torch.tensor([[4], [6], [2]])).long()
+    batches = [{"input_ids": ids, "attention_mask": mask}]
+    sub = ActivationSubspace.from_loader(model, batches, energy=1.0, basis_dtype=torch.float64)
+    ranks = sub.ranks()
+    # positions 0..5 are used by real tokens, token 0 only as padding here (masked)
+    assert ranks["transformer.wpe"] == 6
+    used = set(ids[mask.bool()].tolist())
+    assert ranks["transformer.wte"] == len(used)
+    # a dense layer's input: only the 12 unmasked positions, so its rank is at most 12 (< 3 * 6 = 18)
+    assert 0 < ranks["transformer.h.0.attn.c_attn"] <= 12
+
+
+def test_from_loader_keeps_max_batches_and_refuses_one_shot_iterators():
+    model = tiny_llama()
+    pulled = []
+
+    class Loader:
+        def __iter__(self):
+            for i in range(10):
+                pulled.append(i)
+                yield torch.randint(0, 32, (2, 4))
+
+    sub = ActivationSubspace.from_loader(model, Loader(), max_batches=2)
+    assert len(pulled) == 2          # no batch pulled beyond the limit
+    sub.refresh()
+    assert len(pulled) == 4          # refresh() observes as many as from_loader did
+    with pytest.raises(TypeError, match="one-shot iterator"):
+        ActivationSubspace.from_loader(model, (torch.randint(0, 32, (2, 4)) for _ in range(3)))
+
+
+def test_a_forward_that_raises_is_not_folded_in():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 3, bias=False), nn.Tanh(), nn.Linear(3, 2, bias=False)).double()
+    sub = ActivationSubspace(model, energy=1.0, basis_dtype=torch.float64)
+    good = torch.zeros(5, 4, dtype=torch.float64)
+    good[:, 0] = 1.0  # rank 1 input
+    with torch.no_grad(), sub.observe():
+        model(good)
+    boom = model[2].register_forward_pre_hook(lambda m, a: (_ for _ in ()).throw(RuntimeError("boom")))
+    with pytest.raises(RuntimeError, match="boom"):
+        with torch.no_grad(), sub.observe():
+            model(torch.randn(5, 4, dtype=torch.float64))  # the first layer saw full-rank input, then it raised
+    boom.remove()
+    sub.update()
+    assert sub.ranks()["0"] == 1
+
+
+def test_energy_zero_freezes_nothing_even_with_freeze_defaults():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 3), nn.LayerNorm(3), nn.Linear(3, 2))
+    sub = ActivationSubspace(model, energy=0.0)
+    assert sub.parameters() == [model[0].weight, model[2].weight]
+
+
+def test_an_error_inside_the_projection_leaves_the_plain_step_and_the_deltas_untouched(monkeypatch):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Embedding(8, 4), nn.Linear(4, 3, bias=False))
+    plain = copy.deepcopy(model)
+    sub = ActivationSubspace(model, energy=0.9)
+    with torch.no_grad(), sub.observe():
+        model(torch.tensor([[1, 2, 3]]))
+    sub.update()
+    import atax_kernels.ops as ops
+
+    def fail(*a, **k):
+        raise ValueError("op refused")
+
+    monkeypatch.setattr(ops, "remove_span_", fail)
+    opt = ProjectedOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), activation_subspace=sub)
+    popt = torch.optim.SGD(plain.parameters(), lr=0.1)
+    x = torch.tensor([[1, 4, 5]])
+    for m, o in ((model, opt), (plain, popt)):
+        o.zero_grad()
+        m(x).square().sum().backward()
+    old = [p.detach().clone() for p in model.parameters()]
+    popt.step()
+    with pytest.raises(ValueError, match="op refused"):
+        opt.step()
+    for p, q in zip(model.parameters(), plain.parameters()):
+        # the plain step (to one rounding of old + (new - old)), not the old weights, not a half-projected one
+        torch.testing.assert_close(p, q, rtol=0, atol=1e-7)
+    assert any((p - o).abs().max() > 1e-3 for p, o in zip(model.parameters(), old))

@@ -668,7 +668,11 @@ class AtaxHandle:
         torch._foreach_sub_(deltas, now)
         torch._foreach_neg_(deltas)        # realised update dW = new - old
         torch._foreach_sub_(now, deltas)   # back to old
-        self.last_activation = self.reference.project_updates_(params, deltas, backend=self.backend)
+        try:
+            self.last_activation = self.reference.project_updates_(params, deltas, backend=self.backend)
+        except BaseException:
+            torch._foreach_add_(now, deltas)  # deltas untouched on error: leave the plain step, then raise
+            raise
         torch._foreach_add_(now, deltas)   # old + projected dW
         self._unlogged = True
         a = self.last_activation
