@@ -216,6 +216,8 @@ def _run(quick, full, seeds, steps, lrs, task_names, progress, log, jobs) -> lis
     ms = methods(quick=quick, full=full)
     log(f"fine-tuning {steps} steps at lr {lrs}, seeds {seeds}, tasks {task_names}"
         + (f" ({jobs} worker processes)" if jobs > 1 else ""))
+    if any(m.name == "interp" for m in ms) and not any(m.name == "plain" for m in ms):
+        raise ValueError("the interp rows interpolate the plain run: keep 'plain' in the methods")
     plan = [(t, m, lr, s) for t in task_names for m in ms for lr in lrs for s in seeds]
     trained = [(i, *p) for i, p in enumerate(plan) if p[1].name != "interp"]
     n_rows = sum(len(INTERP_ALPHAS) if p[1].name == "interp" else 1 for p in plan)
@@ -248,8 +250,11 @@ def _run(quick, full, seeds, steps, lrs, task_names, progress, log, jobs) -> lis
             task, base = _tasks.get(t), _worker[t]
             splits = task.splits(s)
             base_scores = _base_scores(task, base, splits)
+            plain_row = next(results[j][0] for j, (t2, m2, lr2, s2) in enumerate(plan)
+                             if (t2, m2.name, lr2, s2) == (t, "plain", lr, s))
             for alpha in INTERP_ALPHAS:
-                t1 = time.perf_counter()
+                # an interpolation costs the plain run it starts from, plus its own (tiny) evaluation
+                t1 = time.perf_counter() - plain_row["seconds"]
                 mixed = copy.deepcopy(base)
                 mixed.load_state_dict(plain_states[(t, lr, s)])
                 interpolate_(mixed, base_states[t], alpha)
@@ -459,6 +464,7 @@ def markdown_report(rows: list[dict[str, Any]], info: dict[str, Any]) -> str:
         f"- versions: python {env['python']}, torch {env['torch']}, atax_kernels {env['atax_kernels']}",
         f"- command: `{env['command']}`" + (f" (this report re-rendered by `{env['rendered_by']}`)"
                                             if env.get("rendered_by") else ""),
+        *([f"- note: {env['note']}"] if env.get("note") else []),
         f"- {len(rows)} rows, seeds {seeds}, in {env['wall_s']:.0f} s; steps {rows[0]['steps'] if rows else '-'}; wall s per row: one run on one thread, 2 runs side by side",
         "",
         "## Summary",

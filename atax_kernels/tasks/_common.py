@@ -379,7 +379,7 @@ class ArithmeticTask:
                     run.projected(optimizer_kwargs=optimizer_kwargs, **kw)
                 else:
                     run.manual_projected(**kw)
-                fwd = bwd = float(n_refs)
+                fwd = bwd = n_refs * ref_batch_size / batch_size
             else:
                 run.activation(steps=steps, lr=lr, weight_decay=weight_decay, energy=energy, contrast=contrast,
                                refresh_every=refresh_every, ptx_weight=ptx_weight, backend=backend,
