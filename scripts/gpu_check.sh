@@ -37,8 +37,8 @@ unset TRITON_INTERPRET ATAX_BACKEND
 # The CUDA-relevant tests (the CPU-only suite runs in CI). quick: the CUDA runtime paths, the compiled
 # Triton kernels, the projection on CUDA tensors and its hygiene; full adds every backend through the
 # registry (test_ops), the projection modes, bad input, properties and the other GPU-aware modules.
-QUICK_TESTS="tests/test_cuda_runtime.py tests/test_gpu_project.py tests/test_triton_kernels.py tests/test_gpu_hygiene.py"
-FULL_TESTS="$QUICK_TESTS tests/test_ops.py tests/test_projection.py tests/test_bad_input.py tests/test_properties.py tests/test_interpolate.py tests/test_tax.py"
+QUICK_TESTS="tests/test_cuda_runtime.py tests/test_gpu_project.py tests/test_gpu_remove_span.py tests/test_triton_kernels.py tests/test_gpu_hygiene.py"
+FULL_TESTS="$QUICK_TESTS tests/test_remove_span.py tests/test_activation.py tests/test_ops.py tests/test_projection.py tests/test_bad_input.py tests/test_properties.py tests/test_interpolate.py tests/test_tax.py"
 # Step caps (s): the heavy steps' caps sum to 230 s (quick) and 470 s (full); env, audit and the registration
 # check take seconds (their 60 s caps only guard against a hang), so a tier stays within 4 / 8 minutes.
 if [ "$TIER" = quick ]; then

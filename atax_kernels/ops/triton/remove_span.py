@@ -92,7 +92,7 @@ def _impl(targets: list[torch.Tensor], bases: list[torch.Tensor | None]) -> torc
     with torch.cuda.device(device) if device.type == "cuda" else _nullctx():
         for i, w, u32, r in launches:
             d_out, d_in = w.shape
-            torch.library.wrap_triton(_remove_span_kernel)[(triton.cdiv(d_out, BLOCK_M),)](
+            _table.launcher(_remove_span_kernel)[(triton.cdiv(d_out, BLOCK_M),)](
                 w, u32, part[i], d_out, d_in, r, w.stride(0), w.stride(1),
                 R=_rank_pad(r), BLOCK_M=BLOCK_M, BLOCK_K=BLOCK_K,
             )
