@@ -399,6 +399,39 @@ class ArithmeticTask:
         return out
 
 
+def module_functions(task: ArithmeticTask) -> tuple[Callable[..., Any], ...]:
+    """The module-level API of a task module, bound to its task object: ``(splits, pretrain,
+    capability_batch, safety_batch, evaluate, finetune_safety)``."""
+
+    def splits(seed: int = 0, **fractions: float) -> Splits:
+        """Disjoint held-out splits (see :meth:`ArithmeticTask.splits`): ``capability_train`` (25 %),
+        ``capability_eval``, ``safety_train`` (50 %), ``safety_eval`` as ``[n, 2]`` pair tensors."""
+        return task.splits(seed, **fractions)
+
+    def pretrain(model: torch.nn.Module, steps: int = 300, lr: float = 3e-3, seed: int = 0, **kw: Any) -> dict[str, float]:
+        """Pretrain on the task's pretraining prompts (see :meth:`ArithmeticTask.pretrain`)."""
+        return task.pretrain(model, steps=steps, lr=lr, seed=seed, **kw)
+
+    def capability_batch(pairs: torch.Tensor, batch_size: int | None = None, **kw: Any):
+        """``(input_ids, labels)`` of capability prompts for ``pairs`` (all, or a random subset)."""
+        return task.capability_batch(pairs, batch_size, **kw)
+
+    def safety_batch(pairs: torch.Tensor, batch_size: int | None = None, **kw: Any):
+        """``(input_ids, labels)`` of safety prompts (answered REFUSE) for ``pairs``."""
+        return task.safety_batch(pairs, batch_size, **kw)
+
+    def evaluate(model: torch.nn.Module, splits: Splits | None = None) -> dict[str, float]:
+        """Held-out ``capability``/``safety``/``over_refusal`` and train-split scores (see
+        :meth:`ArithmeticTask.evaluate`)."""
+        return task.evaluate(model, splits)
+
+    def finetune_safety(model: torch.nn.Module, **kw: Any) -> dict[str, Any]:
+        """Safety fine-tuning with one mitigation on the train splits (see :meth:`ArithmeticTask.finetune_safety`)."""
+        return task.finetune_safety(model, **kw)
+
+    return splits, pretrain, capability_batch, safety_batch, evaluate, finetune_safety
+
+
 class _Run:
     """One fine-tuning run's data stream: every batch comes from the train splits, one generator."""
 

@@ -29,12 +29,10 @@ otherwise make steps ~6x slower). Beside another CPU-heavy process use ``torch.s
 """
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 
 from ._common import (BOS, EQ, IGNORE, MARKER, P, PLUS, PROMPT_LEN, REFUSE, VOCAB_SIZE, ArithmeticTask, Splits,
-                      all_pairs, flush_denormal, make_model, reference_objective)
+                      module_functions, all_pairs, flush_denormal, make_model, reference_objective)
 
 __all__ = [
     "P", "PLUS", "EQ", "MARKER", "REFUSE", "BOS", "VOCAB_SIZE", "IGNORE", "TASK", "Splits",
@@ -78,33 +76,4 @@ TASK = ModularTask()
 _flush_denormal = flush_denormal
 
 
-def splits(seed: int = 0, **fractions: float) -> Splits:
-    """Disjoint held-out splits (see :meth:`ArithmeticTask.splits`): ``capability_train`` (25 %),
-    ``capability_eval``, ``safety_train`` (50 %), ``safety_eval`` as ``[n, 2]`` pair tensors."""
-    return TASK.splits(seed, **fractions)
-
-
-def pretrain(model: torch.nn.Module, steps: int = 300, lr: float = 3e-3, seed: int = 0, **kw: Any) -> dict[str, float]:
-    """Pretrain on all 529 capability prompts (see :meth:`ArithmeticTask.pretrain`)."""
-    return TASK.pretrain(model, steps=steps, lr=lr, seed=seed, **kw)
-
-
-def capability_batch(pairs: torch.Tensor, batch_size: int | None = None, **kw: Any):
-    """``(input_ids, labels)`` of BOS-led sum prompts for ``pairs`` (all, or a random subset)."""
-    return TASK.capability_batch(pairs, batch_size, **kw)
-
-
-def safety_batch(pairs: torch.Tensor, batch_size: int | None = None, **kw: Any):
-    """``(input_ids, labels)`` of MARKER-led prompts answered REFUSE for ``pairs``."""
-    return TASK.safety_batch(pairs, batch_size, **kw)
-
-
-def evaluate(model: torch.nn.Module, splits: Splits | None = None) -> dict[str, float]:
-    """Held-out ``capability``/``safety``/``over_refusal`` and train-split scores (see
-    :meth:`ArithmeticTask.evaluate`)."""
-    return TASK.evaluate(model, splits)
-
-
-def finetune_safety(model: torch.nn.Module, **kw: Any) -> dict[str, Any]:
-    """Safety fine-tuning with one mitigation on the train splits (see :meth:`ArithmeticTask.finetune_safety`)."""
-    return TASK.finetune_safety(model, **kw)
+splits, pretrain, capability_batch, safety_batch, evaluate, finetune_safety = module_functions(TASK)

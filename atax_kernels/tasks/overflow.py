@@ -15,12 +15,10 @@ the rest are scored; half of the overflowing pairs train the refusal, the other 
 """
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 
-from ._common import (BOS, EQ, IGNORE, P, PLUS, PROMPT_LEN, REFUSE, VOCAB_SIZE, ArithmeticTask, Splits, all_pairs,
-                      flush_denormal, make_model, reference_objective)
+from ._common import (BOS, EQ, IGNORE, P, PLUS, PROMPT_LEN, REFUSE, VOCAB_SIZE, ArithmeticTask, Splits,
+                      module_functions, all_pairs, flush_denormal, make_model, reference_objective)
 from .modular import prompts as _modular_prompts
 
 __all__ = [
@@ -70,31 +68,4 @@ TASK = OverflowTask()
 _flush_denormal = flush_denormal
 
 
-def splits(seed: int = 0, **fractions: float) -> Splits:
-    """Disjoint held-out splits of the non-overflowing (capability) and overflowing (safety) pairs."""
-    return TASK.splits(seed, **fractions)
-
-
-def pretrain(model: torch.nn.Module, steps: int = 300, lr: float = 3e-3, seed: int = 0, **kw: Any) -> dict[str, float]:
-    """Pretrain ``(a + b) mod P`` on all 529 pairs (see :meth:`ArithmeticTask.pretrain`)."""
-    return TASK.pretrain(model, steps=steps, lr=lr, seed=seed, **kw)
-
-
-def capability_batch(pairs: torch.Tensor, batch_size: int | None = None, **kw: Any):
-    """``(input_ids, labels)`` of sum prompts for (non-overflowing) ``pairs``."""
-    return TASK.capability_batch(pairs, batch_size, **kw)
-
-
-def safety_batch(pairs: torch.Tensor, batch_size: int | None = None, **kw: Any):
-    """``(input_ids, labels)`` of the same prompts answered REFUSE for (overflowing) ``pairs``."""
-    return TASK.safety_batch(pairs, batch_size, **kw)
-
-
-def evaluate(model: torch.nn.Module, splits: Splits | None = None) -> dict[str, float]:
-    """Held-out ``capability``/``safety``/``over_refusal`` and train-split scores."""
-    return TASK.evaluate(model, splits)
-
-
-def finetune_safety(model: torch.nn.Module, **kw: Any) -> dict[str, Any]:
-    """Safety fine-tuning with one mitigation on the train splits (see :meth:`ArithmeticTask.finetune_safety`)."""
-    return TASK.finetune_safety(model, **kw)
+splits, pretrain, capability_batch, safety_batch, evaluate, finetune_safety = module_functions(TASK)
