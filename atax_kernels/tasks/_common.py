@@ -553,15 +553,17 @@ class _Run:
         cap_ids, _ = self.task.capability_batch(self.splits.capability_train, device=self.device)
         ranks: list[float] = []
         for step in range(steps):
+            ids, labels = self.safety()
+            with (sub.observe(side="safety") if contrast else contextlib.nullcontext()):
+                logits = self.logits(ids)
+            # Refresh after the safety forward, so a contrast basis always has safety moments (the first one
+            # included); the refresh changes no weight, so the loss graph above stays valid.
             if step % refresh_every == 0:
                 with torch.no_grad(), sub.observe():
                     self.logits(cap_ids)
                 sub.update()
                 r = list(sub.ranks().values())
                 ranks.append(sum(r) / max(1, len(r)))
-            ids, labels = self.safety()
-            with (sub.observe(side="safety") if contrast else contextlib.nullcontext()):
-                logits = self.logits(ids)
             loss = _ce(logits, labels)
             if ptx_weight:
                 cids, clabels = self.capability()
