@@ -242,6 +242,13 @@ res = {"ddp": type(wrapped).__name__, "bucket_view": bool(getattr(wrapped, "grad
        "param_sum": float(sum(p.double().sum() for p in model.parameters()))}
 with open(os.path.join(out, f"rank{dist.get_rank()}.json"), "w") as f:
     json.dump(res, f)
+
+# Tear the process group down before exit: leaving it to interpreter shutdown let gloo's threads race the
+# exit (seen once in CI: "terminate called without an active exception", SIGABRT after the results were written).
+import torch.distributed as _dist
+if _dist.is_available() and _dist.is_initialized():
+    _dist.barrier()
+    _dist.destroy_process_group()
 """
 
 
@@ -335,6 +342,13 @@ for mode in os.environ["ATAX_MODES"].split(","):
     trainer.train()
     theta = torch.cat([p.detach().reshape(-1).double() for p in model.parameters()])
     torch.save(theta, os.path.join(out, f"{mode}-w{world}-rank{rank}.pt"))
+
+# Tear the process group down before exit: leaving it to interpreter shutdown let gloo's threads race the
+# exit (seen once in CI: "terminate called without an active exception", SIGABRT after the results were written).
+import torch.distributed as _dist
+if _dist.is_available() and _dist.is_initialized():
+    _dist.barrier()
+    _dist.destroy_process_group()
 """
 
 
