@@ -58,6 +58,7 @@ import contextlib
 import itertools
 import math
 import sys
+import warnings
 import weakref
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Iterator
@@ -69,6 +70,10 @@ __all__ = ["ActivationSubspace", "ActivationStats"]
 
 SIDES = ("capability", "safety")
 FREE_OR_FREEZE = ("free", "freeze")
+#: How a LoRA layer is protected; see ``ActivationSubspace(lora=...)``.
+LORA_RULES = ("input", "both")
+#: A step that removes at least this fraction of every protected update (by norm) is reported once.
+SATURATED_FRACTION = 0.999
 #: Above this input dimension the basis comes from warm-started subspace iteration, not a full eigh.
 EIGH_MAX_DIM = 1024
 
@@ -91,8 +96,15 @@ class ActivationStats:
 
     @property
     def feature_rank_mean(self) -> float:
-        """Mean basis rank over the protected modules."""
-        return sum(self.ranks.values()) / max(1, len(self.ranks))
+        """Mean basis rank over the protected modules (LoRA ``.lora_B`` factors counted apart)."""
+        r = [v for k, v in self.ranks.items() if not k.endswith(".lora_B")]
+        return sum(r) / max(1, len(r))
+
+    @property
+    def lora_b_rank_max(self) -> int | None:
+        """Largest basis rank a LoRA B update is projected off (0 with ``lora="input"``); None without LoRA."""
+        r = [v for k, v in self.ranks.items() if k.endswith(".lora_B")]
+        return max(r) if r else None
 
 
 def _is_conv1d(m: nn.Module) -> bool:
@@ -173,6 +185,14 @@ class ActivationSubspace:
         biases: ``"freeze"`` (default, measured: zero the bias updates of protected modules) or ``"free"``.
         norms: ``"freeze"`` (default, measured: zero the updates of normalisation weights, i.e. the parameters
             of modules named ``*Norm``/``LayerNorm``/``GroupNorm``) or ``"free"``.
+        lora: how PEFT LoRA layers (``W + B A``) are protected. ``"input"`` (default): at every ``update()``
+            each ``lora_A`` is projected off the layer's input basis (``A <- A - (A U) U^T``; with PEFT's
+            ``B = 0`` start this does not change the model) and so are A's updates; then ``B A x = 0`` on the
+            protected span whatever B does, so B trains freely on what the capability inputs do not use.
+            ``"both"``: A's update with the input basis and B's with the basis of ``A x`` (A itself is never
+            edited). B's input ``A x`` is only ``r_lora``-dimensional, so at high energy that basis covers all
+            of it and B (which starts at zero) never moves: nothing trains. Kept for adapters that must not be
+            edited; a step that removes >= 99.9 % of every update warns.
         process_group: the data-parallel group to sum second moments over in ``update()`` (default: the
             default group when ``torch.distributed`` is initialised, else no communication).
     """
@@ -190,6 +210,7 @@ class ActivationSubspace:
         basis_dtype: torch.dtype = torch.float32,
         biases: str = "freeze",
         norms: str = "freeze",
+        lora: str = "input",
         process_group: Any = None,
     ) -> None:
         if not isinstance(model, nn.Module):
@@ -202,7 +223,9 @@ class ActivationSubspace:
         for key, value in (("biases", biases), ("norms", norms)):
             if value not in FREE_OR_FREEZE:
                 raise ValueError(f"{key} must be one of {FREE_OR_FREEZE}, got {value!r}")
-        self.basis_dtype, self.biases, self.norms = basis_dtype, biases, norms
+        if lora not in LORA_RULES:
+            raise ValueError(f"lora must be one of {LORA_RULES}, got {lora!r}")
+        self.basis_dtype, self.biases, self.norms, self.lora = basis_dtype, biases, norms, lora
         self.process_group = process_group
         self.model = model
         self._entries = self._find_entries(model, modules)
@@ -225,6 +248,9 @@ class ActivationSubspace:
         self.loader: Any = None
         self.max_batches: int | None = None
         self.forward_fn: Callable[[nn.Module, Any], Any] | None = None
+        self._saturation_checks = 0  # steps after an update() whose removed fractions are inspected (host sync)
+        self._warned_saturated = False
+        self._explicit_mask = False
 
     # -- discovery ---------------------------------------------------------------------------------
     @staticmethod
@@ -333,8 +359,9 @@ class ActivationSubspace:
         out = []
         for a, lin in m.lora_A.items():
             out.append((f"{e.name}.lora_A.{a}.weight", lin.weight, "dense"))
-        for a, lin in m.lora_B.items():
-            out.append((f"{e.name}.lora_B.{a}.weight", lin.weight, "lora_b:" + a))
+        if self.lora == "both":  # with lora="input", A x = 0 on the span already: B needs no projection
+            for a, lin in m.lora_B.items():
+                out.append((f"{e.name}.lora_B.{a}.weight", lin.weight, "lora_b:" + a))
         return out
 
     def _check_no_shared_weights(self) -> None:
@@ -386,6 +413,7 @@ class ActivationSubspace:
                 raise ValueError("attention_mask must have at least one dimension ([batch, seq])")
             mask = attention_mask.detach() != 0
         self._observing, self._mask = side, mask
+        self._explicit_mask = mask is not None
         self._seen = {}
         self._bad = []
         try:
@@ -393,7 +421,8 @@ class ActivationSubspace:
                 fn = self._hook_rows if e.kind == "embedding" else self._hook_dense
                 self._handles.append(e.module.register_forward_pre_hook(
                     (lambda m, a, k, e=e, fn=fn: fn(e, a, k)), with_kwargs=True))
-            self._handles.append(self.model.register_forward_pre_hook(lambda m, a: self._begin_forward()))
+            self._handles.append(self.model.register_forward_pre_hook(
+                lambda m, a, k: self._begin_forward(k), with_kwargs=True))
             self._handles.append(self.model.register_forward_hook(lambda m, a, o: self._end_forward()))
             yield self
         except BaseException:
@@ -413,11 +442,17 @@ class ActivationSubspace:
                     self._commit()
             finally:
                 self._observing, self._mask, self._seen = None, None, {}
+                self._explicit_mask = False
 
-    def _begin_forward(self) -> None:
+    def _begin_forward(self, kwargs: dict | None = None) -> None:
         if self._depth == 0:
             self._check_pending()
             self._seen = {}
+            if not self._explicit_mask:
+                # No mask given to observe(): the model call's own [batch, seq] attention_mask keeps padding
+                # out (reference_fn refreshes and hand-written loops pass it to the model, not to observe()).
+                am = (kwargs or {}).get("attention_mask")
+                self._mask = am.detach() != 0 if isinstance(am, torch.Tensor) and am.dim() == 2 else None
         self._depth += 1
 
     def _end_forward(self) -> None:
@@ -604,8 +639,10 @@ class ActivationSubspace:
             g.basis = self._basis(m, g.basis, psd).to(self.basis_dtype)
             g.moment = m
         for e in self._entries:
-            if e.kind == "lora" and e.group.moment is not None:
+            if e.kind == "lora" and self.lora == "both" and e.group.moment is not None:
                 self._lora_b_bases(e)
+            elif e.kind == "lora" and self.lora == "input":
+                self._confine_lora_a(e)
             elif e.kind == "embedding":
                 self._tokens(e, decay)
         for g in self._groups:
@@ -613,6 +650,7 @@ class ActivationSubspace:
             for s in SIDES:
                 g.acc[s], g.count[s] = None, 0.0
         self.updates += 1
+        self._saturation_checks = 3
 
     def _moments(self, g: _Group, decay: float) -> dict[str, torch.Tensor | None] | None:
         out: dict[str, torch.Tensor | None] = {}
@@ -646,6 +684,25 @@ class ActivationSubspace:
             A = lin.weight.detach().to(torch.float64)
             mb = A @ m @ A.t()
             e.lora_b_bases[a] = self._basis(mb, None, False).to(self.basis_dtype)
+
+    @torch.no_grad()
+    def _confine_lora_a(self, e: _Entry) -> None:
+        """``lora="input"``: rows of every ``lora_A`` off the input basis, so ``B A x = 0`` on the span."""
+        u = e.group.basis
+        if u is None or u.shape[1] == 0:
+            return
+        for a, lin in e.module.lora_A.items():
+            w = _local(lin.weight.detach())  # FSDP2 shards A by rows: each row's projection is local
+            wd = torch.float64 if w.dtype == torch.float64 else torch.float32
+            uu = u.to(w.device, wd)
+            before = float(_sq(w))
+            wf = w.to(wd)
+            w.copy_((wf - (wf @ uu) @ uu.t()).to(w.dtype))
+            if before > 0 and float(_sq(w)) <= 1e-6 * before:
+                warnings.warn(
+                    f"{e.name}.lora_A.{a}: the protected basis (rank {u.shape[1]} of d_in {e.d_in}) covers every "
+                    f"direction its rows had, so the adapter has no room to learn in; lower energy or max_rank",
+                    UserWarning, stacklevel=3)
 
     def _tokens(self, e: _Entry, decay: float) -> None:
         freq: dict[str, torch.Tensor | None] = {}
@@ -739,6 +796,49 @@ class ActivationSubspace:
                 out.append(p)
         return out
 
+    def has_observed(self) -> bool:
+        """True once any capability forward was observed (bases computed, or moments waiting for ``update()``)."""
+        if self.updates > 0:
+            return True
+        if any(g.acc["capability"] is not None for g in self._groups):
+            return True
+        return any(e.kind == "embedding" and e.counts["capability"] is not None for e in self._entries)
+
+    def check_protects(self, params: Iterable[torch.Tensor], *, where: str) -> None:
+        """Raise ``ValueError`` unless every weight this subspace projects is one of ``params`` (the parameters
+        a trainer or optimizer updates) and trainable, naming the modules that are not.
+
+        Catches the setups that would otherwise run with no protection and no word: a subspace built on another
+        model object than the one being trained, one built before ``get_peft_model`` (its modules are now frozen
+        base layers, the adapters unprotected), an optimizer over parameters the subspace does not cover.
+        """
+        trained = {id(p) for p in params}
+        missing: list[str] = []
+        frozen: list[str] = []
+        for e in self._entries:
+            for label, p, _ in self._weights(e):
+                if id(p) not in trained:
+                    missing.append(label)
+                elif not p.requires_grad:
+                    frozen.append(label)
+        if not missing and not frozen:
+            return
+        bad = missing or frozen
+        shown = ", ".join(bad[:5]) + (f" and {len(bad) - 5} more" if len(bad) > 5 else "")
+        n_all = sum(len(self._weights(e)) for e in self._entries)
+        if missing:
+            why = (f"{len(missing)} of the {n_all} weights this ActivationSubspace protects are not parameters "
+                   f"{where} updates ({shown})")
+        else:
+            why = f"{len(frozen)} of the {n_all} weights this ActivationSubspace protects are frozen ({shown})"
+        lora_now = [n for n, m in self.model.named_modules() if _lora_kind(m) is not None] if self.model else []
+        hint = ("it was built on another model object, or before get_peft_model() (its modules are now frozen "
+                "base layers and the adapters are unprotected). Build it on the model being trained, after "
+                "get_peft_model()" + (" (that model has LoRA layers; this subspace protects none)"
+                                      if lora_now and not any(e.kind == "lora" for e in self._entries) else "")
+                + ", or pass modules= to protect only trained modules")
+        raise ValueError(f"{why}: {hint}")
+
     def project_updates_(self, params: list[torch.Tensor], deltas: list[torch.Tensor], *,
                          backend: str | None = None) -> ActivationStats:
         """Project the updates ``deltas[i]`` (same shapes as ``params[i]``, detached) in place.
@@ -808,22 +908,51 @@ class ActivationSubspace:
             d.index_fill_(0, tokens, 0)
         for d in zero_all:
             d.zero_()
+        n_checked = per.shape[0] + len(row_parts) - len(zero_all)  # frozen biases/norms are zeroed on purpose
         if row_parts:
             per = torch.cat([per, torch.stack(row_parts).to(per.device)])
+        if self._saturation_checks > 0 and not self._warned_saturated:
+            self._saturation_checks -= 1  # a host sync: only on the first steps after each update()
+            self._warn_if_saturated(names + row_names, per[:n_checked])
         tot = per.sum(0) if per.numel() else torch.zeros(2, dtype=torch.float64, device=dev)
         frac = torch.where(tot[0] > 0, (tot[1] / tot[0].clamp_min(1e-300)).sqrt(), tot.new_zeros(()))
         return ActivationStats(ranks=self.ranks(), names=names + row_names, per_target=per,
                                update_removed_fraction=frac)
 
+    def _warn_if_saturated(self, names: list[str], per: torch.Tensor) -> None:
+        """Warn (once) when the projection removed >= 99.9 % of the update of every protected parameter that
+        had one: the run is then not training, only paying for it."""
+        if per.numel() == 0:
+            return
+        rows = per.detach().cpu().tolist()
+        moved = [(n, b, r) for n, (b, r) in zip(names, rows) if b > 0]
+        if not moved or any(r < SATURATED_FRACTION ** 2 * b for _, b, r in moved):
+            return
+        self._warned_saturated = True
+        shown = ", ".join(n for n, _, _ in moved[:6]) + (f" and {len(moved) - 6} more" if len(moved) > 6 else "")
+        lora_both = self.lora == "both" and any(e.kind == "lora" for e in self._entries)
+        advice = ("with LoRA use lora='input' (the default): B's input A x is only r-dimensional, so its basis "
+                  "covers all of it and B never moves" if lora_both else
+                  "lower energy (or set max_rank), protect fewer modules (modules=), or check that the capability "
+                  "data is not the training data itself")
+        warnings.warn(
+            f"ActivationSubspace: this step's projection removed >= {SATURATED_FRACTION:.1%} of the update of every "
+            f"protected parameter ({shown}): the model is barely training. {advice}. (Warned once.)",
+            UserWarning, stacklevel=4)
+
     # -- reporting and state -----------------------------------------------------------------------
     def ranks(self) -> dict[str, int]:
-        """Per protected module name: its basis rank (protected tokens for embeddings; LoRA: the A basis)."""
+        """Per protected module name: its basis rank (protected tokens for embeddings). A LoRA layer ``name``
+        has ``name`` (the input basis A is kept off) and ``name.lora_B`` (the basis of B's input ``A x`` its
+        update is projected off: 0 with ``lora="input"``, where B needs none; the largest over adapters)."""
         out: dict[str, int] = {}
         for e in self._entries:
             if e.kind == "embedding":
                 out[e.name] = 0 if e.tokens is None else int(e.tokens.numel())
             else:
                 out[e.name] = 0 if e.group.basis is None else int(e.group.basis.shape[1])
+            if e.kind == "lora":
+                out[e.name + ".lora_B"] = max((int(u.shape[1]) for u in e.lora_b_bases.values()), default=0)
         return out
 
     def groups(self) -> list[list[str]]:

@@ -192,6 +192,8 @@ class ProjectedOptimizer(torch.optim.Optimizer):
             if not isinstance(activation_subspace, ActivationSubspace):
                 raise TypeError("activation_subspace must be an atax_kernels.ActivationSubspace, got "
                                 f"{type(activation_subspace).__name__}")
+            activation_subspace.check_protects(
+                [p for group in optimizer.param_groups for p in group["params"]], where="this optimizer")
         self.activation_subspace = activation_subspace
         self._pending: list[tuple[list[torch.Tensor | None], float]] = []  # (tensors per param, inverse scale)
         self._ema: list[list[torch.Tensor | None]] = []
@@ -393,6 +395,14 @@ class ProjectedOptimizer(torch.optim.Optimizer):
             finally:
                 sub.model.train(was_training)
             sub.update()
+        elif sub.updates == 0:
+            if not sub.has_observed():  # checked here, not at construction: load_state_dict() may bring bases
+                raise ValueError(
+                    "activation_subspace has observed no capability data and has no bases, so this step would "
+                    "protect nothing (only freeze biases and norms): observe() capability forwards first, build "
+                    "it with ActivationSubspace.from_loader(model, capability_loader), load a checkpoint, or pass "
+                    "reference_fn= (a no-grad capability forward, observed before the first step)")
+            sub.update()  # observed but never turned into bases: the first step would protect nothing
         managed = {id(p) for p in self._params()}
         protected = [p for p in sub.parameters() if id(p) in managed]
         # The one copy: the protected parameters before the step (local shards under FSDP2).

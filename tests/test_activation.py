@@ -360,7 +360,8 @@ def test_lora_update_keeps_BAx_on_the_span():
     model.train()  # LoRA dropout active: the layer's clean input is what is observed
     sub = ActivationSubspace(model, energy=1.0, basis_dtype=torch.float64)
     names = [n for n in sub.ranks() if n.endswith(("q_proj", "v_proj"))]
-    assert names and not any("lora_A" in n or "lora_B" in n for n in sub.ranks())
+    assert names and not any(".lora_A" in n or ".lora_B." in n for n in sub.ranks())
+    assert all(sub.ranks()[n + ".lora_B"] == 0 for n in names)  # B's factor listed: free under lora="input"
     assert not any(n.endswith("k_proj") for n in sub.ranks())  # base weights frozen: not protected
     store, hs = record_inputs(model, names)
     with torch.no_grad(), sub.observe():

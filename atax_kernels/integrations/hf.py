@@ -677,9 +677,12 @@ class AtaxHandle:
         self._unlogged = True
         a = self.last_activation
         frac = a.update_removed_fraction.detach().to(torch.float64).reshape(())
-        self._window_add({"feature_rank_mean": torch.full((), a.feature_rank_mean, dtype=torch.float64,
-                                                          device=frac.device),
-                          "update_removed_fraction": frac})
+        values = {"feature_rank_mean": torch.full((), a.feature_rank_mean, dtype=torch.float64, device=frac.device),
+                  "update_removed_fraction": frac}
+        if a.lora_b_rank_max is not None:  # LoRA: B's factor shown too (0 with lora="input": B trains freely)
+            values["lora_b_rank_max"] = torch.full((), float(a.lora_b_rank_max), dtype=torch.float64,
+                                                   device=frac.device)
+        self._window_add(values)
 
     def _activation_log_values(self) -> dict[str, float]:
         means = self._window_means()
@@ -688,8 +691,11 @@ class AtaxHandle:
         a = getattr(self, "last_activation", None)
         if a is None:
             return {}
-        return {"atax/feature_rank_mean": float(a.feature_rank_mean),
-                "atax/update_removed_fraction": float(a.update_removed_fraction)}
+        out = {"atax/feature_rank_mean": float(a.feature_rank_mean),
+               "atax/update_removed_fraction": float(a.update_removed_fraction)}
+        if a.lora_b_rank_max is not None:
+            out["atax/lora_b_rank_max"] = float(a.lora_b_rank_max)
+        return out
 
     # -- the logging window: atax/* are means over the optimizer steps since the previous log, as HF's loss --
     def _step_values(self, s: ProjectionStats, ref_norm: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -867,6 +873,20 @@ def _local_tensor(t: torch.Tensor) -> torch.Tensor:
     return t.to_local() if hasattr(t, "to_local") else t
 
 
+def _check_activation_reference(trainer: Any, sub: ActivationSubspace) -> None:
+    """An ActivationSubspace that would protect nothing of what this trainer trains is an error, not a no-op."""
+    model = getattr(trainer, "model", None)
+    if not isinstance(model, torch.nn.Module):
+        raise TypeError(f"trainer.model must be a torch.nn.Module, got {type(model).__name__}")
+    sub.check_protects(list(model.parameters()), where="the trainer's model")
+    if not sub.has_observed():
+        raise ValueError(
+            "the ActivationSubspace has observed no capability data (no observe() forward, no update()), so it "
+            "would protect nothing and only freeze biases and norms: build it with "
+            "ActivationSubspace.from_loader(trainer.model, capability_loader, ...) or observe() capability "
+            "forwards before attach()")
+
+
 def attach(
     trainer: Any,
     *,
@@ -936,6 +956,7 @@ def attach(
         raise ValueError("reference is required: capability batches, a callable (model) -> loss, EMA(...), "
                          "or a Subspace")
     if isinstance(reference, ActivationSubspace):
+        _check_activation_reference(trainer, reference)
         if reference_dtype is not None:
             warnings.warn("reference_dtype is ignored for an ActivationSubspace reference", stacklevel=2)
         ref: Any = reference
