@@ -70,6 +70,8 @@ __all__ = ["ActivationSubspace", "ActivationStats"]
 
 SIDES = ("capability", "safety")
 FREE_OR_FREEZE = ("free", "freeze")
+#: How each observed position counts in the second moment; see ``ActivationSubspace(weighting=...)``.
+WEIGHTINGS = ("token", "energy")
 #: How a LoRA layer is protected; see ``ActivationSubspace(lora=...)``.
 LORA_RULES = ("input", "both")
 #: A step that removes at least this fraction of every protected update (by norm) is reported once.
@@ -193,6 +195,14 @@ class ActivationSubspace:
             edited). B's input ``A x`` is only ``r_lora``-dimensional, so at high energy that basis covers all
             of it and B (which starts at zero) never moves: nothing trains. Kept for adapters that must not be
             edited; a step that removes >= 99.9 % of every update warns.
+        weighting: how each observed position counts. ``"token"`` (default): by its direction only
+            (``x / |x|``), so ``energy`` is the mean fraction of each capability token's input the basis holds,
+            the same statement in every layer. ``"energy"``: by ``|x|^2`` (the raw ``sum x x^T``); pretrained
+            transformers have outlier ("massive activation") positions whose one channel then holds most of
+            the trace, so a layer can get rank 1-4 at energy 0.99 and be left unprotected. Measured on
+            SmolLM2-135M-Instruct, capital-city answers, 368 tokens: raw weighting gave MLP down-projections of
+            layers 1 and 9 rank 9 and 8 at energy 0.9 (top eigenvalue 74 % and 82 % of the trace) while the
+            other layers got 26-32; by token every layer got 26-35.
         process_group: the data-parallel group to sum second moments over in ``update()`` (default: the
             default group when ``torch.distributed`` is initialised, else no communication).
     """
@@ -211,6 +221,7 @@ class ActivationSubspace:
         biases: str = "freeze",
         norms: str = "freeze",
         lora: str = "input",
+        weighting: str = "token",
         process_group: Any = None,
     ) -> None:
         if not isinstance(model, nn.Module):
@@ -225,6 +236,9 @@ class ActivationSubspace:
                 raise ValueError(f"{key} must be one of {FREE_OR_FREEZE}, got {value!r}")
         if lora not in LORA_RULES:
             raise ValueError(f"lora must be one of {LORA_RULES}, got {lora!r}")
+        if weighting not in WEIGHTINGS:
+            raise ValueError(f"weighting must be one of {WEIGHTINGS}, got {weighting!r}")
+        self.weighting = weighting
         self.basis_dtype, self.biases, self.norms, self.lora = basis_dtype, biases, norms, lora
         self.process_group = process_group
         self.model = model
@@ -523,6 +537,8 @@ class ActivationSubspace:
         rows = self._select(x, e.d_in, e.name)
         wd = torch.float64 if rows.device.type == "cpu" else torch.float32
         r = rows.to(wd)
+        if self.weighting == "token":  # direction only: an outlier position counts once, like any other
+            r = r / r.norm(dim=1, keepdim=True).clamp_min(torch.finfo(wd).tiny)
         side = self._observing
         inc = r.t() @ r
         if g.stage[side] is None:
@@ -979,7 +995,7 @@ class ActivationSubspace:
             "version": 1,
             "settings": {"energy": self.energy, "contrast": self.contrast, "max_rank": self.max_rank,
                          "basis_dtype": str(self.basis_dtype).replace("torch.", ""), "biases": self.biases,
-                         "norms": self.norms},
+                         "norms": self.norms, "lora": self.lora, "weighting": self.weighting},
             "updates": self.updates,
             "groups": [{"modules": list(g.members), "d_in": g.d_in,
                         "basis": None if g.basis is None else g.basis.detach().cpu().clone(),
@@ -1021,6 +1037,8 @@ class ActivationSubspace:
         s = state["settings"]
         self.energy, self.contrast, self.max_rank = s["energy"], s["contrast"], s["max_rank"]
         self.basis_dtype = getattr(torch, s["basis_dtype"])
+        # states saved before these settings existed were made with the rules of that time
+        self.lora, self.weighting = s.get("lora", "both"), s.get("weighting", "energy")
         self.updates = int(state.get("updates", 0))
         self._groups = []
         for gs in state["groups"]:

@@ -191,19 +191,22 @@ def projector(u: np.ndarray) -> np.ndarray:
     return u @ u.T
 
 
+@pytest.mark.parametrize("weighting", ["token", "energy"])
 @pytest.mark.parametrize("energy", [0.5, 0.9, 0.99])
-def test_basis_matches_float64_eigh_oracle(energy):
+def test_basis_matches_float64_eigh_oracle(energy, weighting):
     torch.manual_seed(1)
     scales = torch.logspace(0, -3, 12, dtype=torch.float64)
     xs = torch.randn(400, 12, dtype=torch.float64) * scales
+    xs[::40] *= 1e3  # outlier positions: weighting="token" counts them by direction only
     model = nn.Linear(12, 3).double()
-    sub = ActivationSubspace(model, energy=energy)
+    sub = ActivationSubspace(model, energy=energy, weighting=weighting)
     with torch.no_grad(), sub.observe():
         model(xs[:150])
         model(xs[150:])  # two forwards: streaming sums
     sub.update()
     u = sub._groups[0].basis.double().numpy()
-    ref = oracle_basis(xs.numpy(), energy)
+    x = xs.numpy()
+    ref = oracle_basis(x / np.linalg.norm(x, axis=1, keepdims=True) if weighting == "token" else x, energy)
     assert u.shape == ref.shape
     assert np.abs(u.T @ u - np.eye(u.shape[1])).max() < 1e-6  # float32 basis
     assert np.abs(projector(u) - projector(ref)).max() < 1e-6
