@@ -119,6 +119,14 @@ class ProjectedOptimizer(torch.optim.Optimizer):
             ``activation_subspace.observe()`` (its return value is ignored) and ``update()`` follows; the
             gradient references then come from ``capture_reference()`` only. Costs one copy of the protected
             parameters during the step. ``last_stats.activation`` holds the ranks and the fraction removed.
+        activation_target: what the activation projection applies to. ``"update"`` (default without PTX): the
+            realised update, after the wrapped step (exact: ``dW x = 0`` on the protected span, weight decay and
+            momentum included). ``"grad"`` (default with ``ptx_weight > 0``): the gradient present at ``step()``
+            (the safety gradient) is projected before the wrapped step and the captured references are then
+            *added* as PTX (``lambda * mean``), not projected against; no copy of the parameters. This lets PTX
+            act inside the protected span, where an update projection would remove it; the guarantee becomes
+            first-order for adaptive optimizers (Adam's per-element scaling of a projected gradient is not
+            exactly off the span) and decoupled weight decay is not projected.
     """
 
     def __init__(
@@ -140,6 +148,7 @@ class ProjectedOptimizer(torch.optim.Optimizer):
         scaler: Any = None,
         backend: str | None = None,
         activation_subspace: Any = None,
+        activation_target: str | None = None,
     ) -> None:
         if not isinstance(optimizer, torch.optim.Optimizer):
             raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
@@ -194,7 +203,17 @@ class ProjectedOptimizer(torch.optim.Optimizer):
                                 f"{type(activation_subspace).__name__}")
             activation_subspace.check_protects(
                 [p for group in optimizer.param_groups for p in group["params"]], where="this optimizer")
+        if activation_target is None:
+            activation_target = "grad" if ptx_weight > 0 else "update"
+        V.check_choice(activation_target, "activation_target", ("update", "grad"))
+        if activation_subspace is not None and ptx_weight > 0 and activation_target == "update":
+            raise ValueError(
+                "ptx_weight > 0 with activation_target='update' would project the PTX part of the update away "
+                "with the rest (PTX's update lies in the protected span by construction); use "
+                "activation_target='grad' (the default with ptx_weight > 0): the safety gradient is projected, "
+                "the PTX gradient added after")
         self.activation_subspace = activation_subspace
+        self.activation_target = activation_target
         self._pending: list[tuple[list[torch.Tensor | None], float]] = []  # (tensors per param, inverse scale)
         self._ema: list[list[torch.Tensor | None]] = []
         self._ema_count: list[int] = []
@@ -404,6 +423,8 @@ class ProjectedOptimizer(torch.optim.Optimizer):
                     "reference_fn= (a no-grad capability forward, observed before the first step)")
             sub.update()  # observed but never turned into bases: the first step would protect nothing
         managed = {id(p) for p in self._params()}
+        if self.activation_target == "grad":
+            return self._step_activation_grad(sub, managed, closure)
         protected = [p for p in sub.parameters() if id(p) in managed]
         # The one copy: the protected parameters before the step (local shards under FSDP2).
         deltas = [self._local(p.detach()).clone() for p in protected]
@@ -430,7 +451,26 @@ class ProjectedOptimizer(torch.optim.Optimizer):
             self.last_stats.activation = act
         return result
 
-    def _step_references(self, closure: Callable[[], float] | None = None) -> Any:
+    def _step_activation_grad(self, sub: Any, managed: set[int], closure: Callable[[], float] | None) -> Any:
+        """activation_target='grad': project the safety gradient, then step with the PTX references added."""
+        if closure is not None:
+            raise ValueError("activation_target='grad' projects the gradients present when step() is called; a "
+                             "closure would recompute them after the projection. Call backward() before step()")
+        protected = [p for p in sub.parameters() if id(p) in managed and p.grad is not None]
+        if protected:
+            act = sub.project_updates_(protected, [p.grad for p in protected], backend=self.backend)
+        else:
+            from .activation import ActivationStats
+
+            dev = self._params()[0].device if self._params() else torch.device("cpu")
+            act = ActivationStats(ranks=sub.ranks(), names=[], per_target=torch.zeros((0, 2), dtype=torch.float64,
+                                  device=dev), update_removed_fraction=torch.zeros((), dtype=torch.float64, device=dev))
+        result = self._step_references(None, strength=0.0 if self.ptx_weight > 0 else None)
+        if self.last_stats is not None:
+            self.last_stats.activation = act
+        return result
+
+    def _step_references(self, closure: Callable[[], float] | None = None, strength: float | None = None) -> Any:
         """Project the gradients (or the update) against the references, then step the wrapped optimizer."""
         loss = None
         if closure is not None:
@@ -482,7 +522,8 @@ class ProjectedOptimizer(torch.optim.Optimizer):
                 shape = (len(grads), k) if self.granularity == "tensor" else (k,)
                 per_ref = torch.tensor([-self.ptx_weight * s / k for s in scales], dtype=torch.float64, device=device)
                 extra = per_ref.expand(shape)
-            self.last_stats = _project_resolved(impl, grads, ref_lists, self.mode, self.strength, self.granularity,
+            self.last_stats = _project_resolved(impl, grads, ref_lists, self.mode,
+                                                self.strength if strength is None else strength, self.granularity,
                                                 extra_coefs=extra, reduce_grams=reduce_grams)
             result = self.optimizer.step()
             return loss if loss is not None else result

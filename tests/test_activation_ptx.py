@@ -1,0 +1,86 @@
+"""Activation projection + PTX: the safety part is projected, the PTX part passes (activation_target='grad')."""
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from atax_kernels import ActivationSubspace, ProjectedOptimizer
+
+
+def setup(seed: int = 0):
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Linear(8, 6, bias=False), nn.Tanh(), nn.Linear(6, 3, bias=False)).double()
+    basis_in = torch.linalg.qr(torch.randn(8, 3, dtype=torch.float64))[0]
+    cap_x = torch.randn(20, 3, dtype=torch.float64) @ basis_in.t()  # capability inputs span 3 of 8 dims
+    sub = ActivationSubspace(model, energy=1.0, basis_dtype=torch.float64, norms="free", biases="free")
+    with torch.no_grad(), sub.observe():
+        model(cap_x)
+    sub.update()
+    return model, sub, cap_x
+
+
+def grads_of(model, loss_fn):
+    model.zero_grad()
+    loss_fn().backward()
+    return [p.grad.detach().clone() for p in model.parameters()]
+
+
+def test_grad_target_projects_safety_and_lets_ptx_through():
+    """SGD (no momentum): the step is exactly -lr (P(g_safety) + lambda * g_ptx), with P(G) = G - G U U^T per
+    layer, so the PTX update keeps its component on the protected span and the safety update has none."""
+    model, sub, cap_x = setup()
+    safe_x = torch.randn(10, 8, dtype=torch.float64)
+    ptx = lambda: model(cap_x).pow(2).mean()  # noqa: E731
+    safety = lambda: (model(safe_x) - 1).pow(2).mean()  # noqa: E731
+    g_ptx, g_safe = grads_of(model, ptx), grads_of(model, safety)
+    bases = [sub._groups[0].basis, sub._groups[1].basis]
+    proj = [g - g @ u @ u.t() for g, u in zip(g_safe, bases)]
+    lr, lam = 0.1, 0.5
+    expected = [p.detach() - lr * (q + lam * c) for p, q, c in zip(model.parameters(), proj, g_ptx)]
+
+    old = [p.detach().clone() for p in model.parameters()]
+    opt = ProjectedOptimizer(torch.optim.SGD(model.parameters(), lr=lr), activation_subspace=sub, ptx_weight=lam)
+    assert opt.activation_target == "grad"
+    opt.zero_grad()
+    ptx().backward()
+    opt.capture_reference()
+    safety().backward()
+    opt.step()
+    for p, e in zip(model.parameters(), expected):
+        assert torch.allclose(p.detach(), e, rtol=0, atol=1e-12 * e.norm())
+    assert float(opt.last_stats.activation.update_removed_fraction) > 0
+    # the PTX part did reach the protected span (an update projection would have removed it)
+    update = expected[0] - old[0]
+    assert (update @ bases[0]).norm() > 1e-3 * update.norm()
+
+
+def test_grad_target_without_ptx_keeps_capability_outputs_of_sgd():
+    model, sub, cap_x = setup(1)
+    first = model[0].weight.detach().clone()
+    opt = ProjectedOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), activation_subspace=sub,
+                             activation_target="grad")
+    opt.zero_grad()
+    (model(torch.randn(10, 8, dtype=torch.float64)) - 1).pow(2).mean().backward()
+    opt.step()
+    dw = model[0].weight.detach() - first
+    assert dw.norm() > 1e-4
+    assert (dw @ cap_x.t()).norm() <= 1e-10 * dw.norm() * cap_x.norm()
+
+
+def test_ptx_with_update_target_is_refused():
+    model, sub, _ = setup()
+    with pytest.raises(ValueError, match="project the PTX part of the update away"):
+        ProjectedOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), activation_subspace=sub, ptx_weight=1.0,
+                           activation_target="update")
+    with pytest.raises(ValueError, match="activation_target"):
+        ProjectedOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), activation_subspace=sub,
+                           activation_target="weights")
+
+
+def test_grad_target_refuses_a_closure():
+    model, sub, _ = setup()
+    opt = ProjectedOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), activation_subspace=sub,
+                             activation_target="grad")
+    with pytest.raises(ValueError, match="closure"):
+        opt.step(lambda: 0.0)
