@@ -84,3 +84,26 @@ def test_grad_target_refuses_a_closure():
                              activation_target="grad")
     with pytest.raises(ValueError, match="closure"):
         opt.step(lambda: 0.0)
+
+
+def test_coverage_says_whether_the_bases_moved():
+    """coverage() = tr(U^T C U)/tr(C) of what was observed since update(): the energy on the same inputs
+    (raw weighting: exactly what the rank rule kept), lower on inputs that left the span."""
+    torch.manual_seed(3)
+    model = nn.Linear(8, 2, bias=False).double()
+    scales = torch.tensor([4.0, 3, 2, 1, 0.5, 0.2, 0.1, 0.05], dtype=torch.float64)
+    x = torch.randn(200, 8, dtype=torch.float64) * scales
+    sub = ActivationSubspace(model, energy=0.9, weighting="energy", basis_dtype=torch.float64)
+    with torch.no_grad(), sub.observe():
+        model(x)
+    sub.update()
+    w = torch.linalg.eigvalsh(x.t() @ x).flip(0)
+    k = sub.ranks()[""]  # the model is the one protected module
+    with torch.no_grad(), sub.observe():
+        model(x)
+    assert sub.coverage()[""] == pytest.approx(float(w[:k].sum() / w.sum()), rel=1e-9)
+    assert sub.coverage()[""] >= 0.9
+    sub.update()
+    with torch.no_grad(), sub.observe():
+        model(x.flip(1))  # the small channels now carry the energy
+    assert sub.coverage()[""] < 0.2
