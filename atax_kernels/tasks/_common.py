@@ -546,10 +546,14 @@ class _Run:
         from ..activation import ActivationSubspace
         from ..optim import ProjectedOptimizer
 
-        sub = ActivationSubspace(self.model, energy=energy, contrast=contrast)
+        kwargs = dict(optimizer_kwargs or {})
+        sub = ActivationSubspace(self.model, energy=energy, contrast=contrast, **kwargs.pop("subspace_kwargs", {}))
         base = torch.optim.AdamW(self.params, lr=lr, weight_decay=weight_decay)
-        opt = ProjectedOptimizer(base, activation_subspace=sub, target="update", backend=backend,
-                                 **(optimizer_kwargs or {}))
+        # activation_target="grad" with PTX: the PTX gradient is captured apart and added after the safety
+        # gradient's projection (not projected away); otherwise PTX is part of the loss and of the update.
+        through = bool(ptx_weight) and kwargs.get("activation_target") == "grad"
+        opt = ProjectedOptimizer(base, activation_subspace=sub, target="grad" if through else "update",
+                                 backend=backend, ptx_weight=ptx_weight if through else 0.0, **kwargs)
         cap_ids, _ = self.task.capability_batch(self.splits.capability_train, device=self.device)
         ranks: list[float] = []
         for step in range(steps):
@@ -565,7 +569,11 @@ class _Run:
                 r = list(sub.ranks().values())
                 ranks.append(sum(r) / max(1, len(r)))
             loss = _ce(logits, labels)
-            if ptx_weight:
+            if ptx_weight and through:
+                cids, clabels = self.capability()
+                _ce(self.logits(cids), clabels).backward()
+                opt.capture_reference()
+            elif ptx_weight:
                 cids, clabels = self.capability()
                 loss = loss + ptx_weight * _ce(self.logits(cids), clabels)
             loss.backward()
