@@ -71,6 +71,8 @@ __all__ = ["ActivationSubspace", "ActivationStats"]
 
 SIDES = ("capability", "safety")
 FREE_OR_FREEZE = ("free", "freeze")
+#: Which positions of a loader batch are observed; see ``ActivationSubspace.observe_loader(positions=...)``.
+POSITIONS = ("all", "answer", "prompt")
 #: How each observed position counts in the second moment; see ``ActivationSubspace(weighting=...)``.
 WEIGHTINGS = ("token", "energy")
 #: How a LoRA layer is protected; see ``ActivationSubspace(lora=...)``.
@@ -1099,20 +1101,27 @@ class ActivationSubspace:
     # -- loaders -----------------------------------------------------------------------------------
     def observe_loader(self, loader: Iterable[Any], *, side: str = "capability",
                        forward: Callable[[nn.Module, Any], Any] | None = None,
-                       max_batches: int | None = None) -> int:
+                       max_batches: int | None = None, positions: str | None = None) -> int:
         """Observe every batch of ``loader`` (no grad, model in eval mode) and return the number of batches.
 
         A batch may be a dict (HF style: passed as keywords, ``labels`` dropped, its ``attention_mask``
         excludes padding), a tensor (passed as the model's input) or a tuple/list (its first element is the
         input). ``forward(model, batch)`` overrides this.
+
+        ``positions``: ``"all"`` (default: every unpadded position), ``"answer"`` (positions whose ``labels``
+        are not -100: the bases protect what the model computes while answering) or ``"prompt"`` (the
+        others). Needs dict batches with ``labels``. Default: the one given to :meth:`from_loader`, else all.
         """
+        positions = positions or getattr(self, "positions", None) or "all"
+        if positions not in POSITIONS:
+            raise ValueError(f"positions must be one of {POSITIONS}, got {positions!r}")
         n = 0
         device = next((p.device for p in self.model.parameters()), torch.device("cpu"))
         was_training = self.model.training
         self.model.eval()  # capability inputs as inference sees them: no dropout noise widening the span
         with torch.no_grad():
             for batch in (loader if max_batches is None else itertools.islice(loader, max_batches)):
-                mask = batch.get("attention_mask") if isinstance(batch, dict) else None
+                mask = _positions_mask(batch, positions, n)
                 with self.observe(side=side, attention_mask=mask):
                     if forward is not None:
                         forward(self.model, batch)
@@ -1134,16 +1143,19 @@ class ActivationSubspace:
 
     @classmethod
     def from_loader(cls, model: nn.Module, loader: Iterable[Any], *, forward: Callable[[nn.Module, Any], Any] | None = None,
-                    max_batches: int | None = None, **kwargs: Any) -> "ActivationSubspace":
+                    max_batches: int | None = None, positions: str = "all", **kwargs: Any) -> "ActivationSubspace":
         """An ``ActivationSubspace(model, **kwargs)`` that has observed every batch of ``loader`` and updated.
 
-        The loader is kept (``refresh()``, ``attach(refresh_every=N)`` re-observe it from the current model).
+        The loader is kept (``refresh()``, ``attach(refresh_every=N)`` re-observe it from the current model),
+        and so is ``positions`` (see :meth:`observe_loader`).
         """
+        if positions not in POSITIONS:
+            raise ValueError(f"positions must be one of {POSITIONS}, got {positions!r}")
         if iter(loader) is loader:
             raise TypeError("from_loader: loader is a one-shot iterator (a generator?); refresh() must be able to "
                             "observe it again: pass a re-iterable (a list, a DataLoader)")
         sub = cls(model, **kwargs)
-        sub.loader, sub.forward_fn, sub.max_batches = loader, forward, max_batches
+        sub.loader, sub.forward_fn, sub.max_batches, sub.positions = loader, forward, max_batches, positions
         n = sub.observe_loader(loader, forward=forward, max_batches=max_batches)
         if n == 0:
             raise ValueError("from_loader: the loader yielded no batch")
@@ -1166,6 +1178,21 @@ def _broadcast_to_mask(lead: torch.Size | tuple, mask_shape: torch.Size | tuple)
     if all(a == b or a == 1 for a, b in zip(lead, mask_shape)):
         return mask_shape
     return None
+
+
+def _positions_mask(batch: Any, positions: str, index: int) -> torch.Tensor | None:
+    """The observe() mask of a loader batch: its attention mask, narrowed to answer or prompt positions."""
+    mask = batch.get("attention_mask") if isinstance(batch, dict) else None
+    if positions == "all":
+        return mask
+    labels = batch.get("labels") if isinstance(batch, dict) else None
+    if not isinstance(labels, torch.Tensor):
+        keys = sorted(map(str, batch)) if isinstance(batch, dict) else type(batch).__name__
+        raise ValueError(f"positions={positions!r} needs dict batches with 'labels' (-100 on prompt positions); "
+                         f"batch {index} of the loader has {keys}")
+    answer = labels != -100
+    valid = mask.to(answer.device) != 0 if isinstance(mask, torch.Tensor) else torch.ones_like(answer)
+    return (valid & answer) if positions == "answer" else (valid & ~answer)
 
 
 def _default_forward(model: nn.Module, batch: Any, device: torch.device) -> Any:

@@ -107,3 +107,29 @@ def test_coverage_says_whether_the_bases_moved():
     with torch.no_grad(), sub.observe():
         model(x.flip(1))  # the small channels now carry the energy
     assert sub.coverage()[""] < 0.2
+
+
+def test_loader_positions_answer_prompt_all():
+    """positions='answer' observes only labelled positions, 'prompt' the rest, 'all' every unpadded one: the
+    counts add up, and refresh() keeps the choice."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Embedding(10, 6), nn.Linear(6, 4))
+    ids = torch.randint(0, 10, (2, 5))
+    mask = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 1, 0, 0]])
+    labels = torch.tensor([[-100, -100, 3, 4, 5], [-100, 2, 3, -100, -100]])
+    batches = [{"input": ids, "attention_mask": mask, "labels": labels}]
+    fwd = lambda m, b: m(b["input"])  # noqa: E731
+    count = {}
+    for pos in ("all", "answer", "prompt"):
+        sub = ActivationSubspace(model, energy=0.9, modules=["1"])
+        sub.observe_loader(batches, forward=fwd, positions=pos)
+        count[pos] = sub._groups[0].count["capability"]
+    assert count == {"all": 8.0, "answer": 5.0, "prompt": 3.0}
+    sub = ActivationSubspace.from_loader(model, batches, forward=fwd, positions="answer", modules=["1"])
+    sub.observe_loader(batches, forward=fwd)
+    assert sub._groups[0].count["capability"] == 5.0
+    with pytest.raises(ValueError, match=r"positions='answer' needs dict batches with 'labels'.*batch 0.*\['attention_mask', 'input'\]"):
+        ActivationSubspace(model, modules=["1"]).observe_loader([{"input": ids, "attention_mask": mask}],
+                                                               forward=fwd, positions="answer")
+    with pytest.raises(ValueError, match="positions must be one of"):
+        ActivationSubspace(model, modules=["1"]).observe_loader(batches, forward=fwd, positions="labels")
