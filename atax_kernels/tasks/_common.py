@@ -560,14 +560,6 @@ class _Run:
             ids, labels = self.safety()
             with (sub.observe(side="safety") if contrast else contextlib.nullcontext()):
                 logits = self.logits(ids)
-            # Refresh after the safety forward, so a contrast basis always has safety moments (the first one
-            # included); the refresh changes no weight, so the loss graph above stays valid.
-            if step % refresh_every == 0:
-                with torch.no_grad(), sub.observe():
-                    self.logits(cap_ids)
-                sub.update()
-                r = list(sub.ranks().values())
-                ranks.append(sum(r) / max(1, len(r)))
             loss = _ce(logits, labels)
             if ptx_weight and through:
                 cids, clabels = self.capability()
@@ -577,6 +569,15 @@ class _Run:
                 cids, clabels = self.capability()
                 loss = loss + ptx_weight * _ce(self.logits(cids), clabels)
             loss.backward()
+            # Refresh after the safety forward, so a contrast basis always has safety moments (the first one
+            # included), and after the backward: with LoRA, update() edits lora_A (lora="input"), which the
+            # loss graph saved.
+            if step % refresh_every == 0:
+                with torch.no_grad(), sub.observe():
+                    self.logits(cap_ids)
+                sub.update()
+                r = [v for k, v in sub.ranks().items() if not k.endswith(".lora_B")]
+                ranks.append(sum(r) / max(1, len(r)))
             opt.step()
             opt.zero_grad(set_to_none=True)
             act = getattr(opt.last_stats, "activation", None)
