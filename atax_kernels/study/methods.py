@@ -1,0 +1,139 @@
+"""The mitigations the study compares, as small parseable specs (``--methods plain,ptx:w=1,act:e=0.9``).
+
+Grammar: ``KIND[:key=value]...``; kinds and their keys (defaults in brackets):
+
+* ``plain``: the safety loss alone.
+* ``ptx:w=λ`` [1.0]: plus λ x the LM loss of a retain batch (capability + benign train prompts with the base
+  model's own answers). 1 extra forward, 1 extra backward per step.
+* ``kl:w=λ`` [0.5]: plus λ x KL(tuned || base) over the answer positions of a retain batch. 2 extra forwards
+  (the tuned model and the frozen base), 1 extra backward.
+* ``grad[:mode=orthogonal|conflict]``: :class:`~atax_kernels.ProjectedOptimizer` with a live reference, the
+  gradient of the LM loss of a retain batch, projected out of the safety gradient. 1 extra forward/backward.
+* ``act:e=E:c=β:pos=all|answer`` [0.9, 0, all]: :class:`~atax_kernels.ActivationSubspace` built from retain
+  train batches (``from_loader``), ``refresh()`` every ``--refresh-every`` steps, the realised update projected
+  by ``ProjectedOptimizer(activation_subspace=...)``. No extra backward; the refresh forwards are amortised.
+* ``act+ptx:e=E:w=λ:c=β:pos=`` [0.9, 1.0, 0, all]: the same bases, the safety gradient projected and the PTX
+  gradient (captured with ``capture_reference``) added after, so PTX is not projected away
+  (``ProjectedOptimizer(activation_subspace=..., ptx_weight=λ)``).
+* ``interp:a=α`` [0.5]: the plain run's weights moved back toward the base, ``θ_base + α (θ_plain − θ_base)``
+  (:func:`atax_kernels.interpolate_`); no training of its own (it needs ``plain`` in the same run).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+__all__ = ["Method", "parse_method", "parse_methods", "QUICK_METHODS", "FULL_METHODS", "KINDS", "FAMILY"]
+
+KINDS = ("plain", "ptx", "kl", "grad", "act", "act+ptx", "interp")
+#: Colour family of each kind in the plot.
+FAMILY = {"plain": "plain", "interp": "plain", "ptx": "ptx", "kl": "kl", "grad": "grad", "act": "act",
+          "act+ptx": "act+ptx"}
+_KEYS = {
+    "plain": {},
+    "ptx": {"w": 1.0},
+    "kl": {"w": 0.5},
+    "grad": {"mode": "orthogonal"},
+    "act": {"e": 0.9, "c": 0.0, "pos": "all"},
+    "act+ptx": {"e": 0.9, "w": 1.0, "c": 0.0, "pos": "all"},
+    "interp": {"a": 0.5},
+}
+_CHOICES = {"mode": ("orthogonal", "conflict"), "pos": ("all", "answer", "prompt")}
+
+#: The quick tier (``make demo``): the methods that matter, plus the free interpolation dial of plain.
+QUICK_METHODS = "plain,interp:a=0.5,ptx:w=1,grad,act:e=0.9,act+ptx:e=0.9:w=1"
+#: The full tier: dials of PTX and interpolation, KL, both activation energies, contrast.
+FULL_METHODS = ("plain,interp:a=0.25,interp:a=0.5,interp:a=0.75,ptx:w=0.3,ptx:w=1,ptx:w=3,kl:w=0.5,grad,"
+                "act:e=0.9,act:e=0.99,act:e=0.9:c=0.5,act+ptx:e=0.9:w=1")
+
+
+@dataclass(frozen=True)
+class Method:
+    """One parsed method spec (see the module docstring)."""
+
+    kind: str
+    params: tuple[tuple[str, object], ...] = field(default=())
+
+    def get(self, key: str) -> object:
+        return dict(self.params)[key]
+
+    @property
+    def name(self) -> str:
+        """A short label: ``plain``, ``ptx 1``, ``act e0.9``, ``act e0.9 c0.5 + ptx 1``, ``interp 0.5``."""
+        p = dict(self.params)
+        if self.kind == "plain":
+            return "plain"
+        if self.kind in ("ptx", "kl"):
+            return f"{self.kind} {p['w']:g}"
+        if self.kind == "grad":
+            return "grad" if p["mode"] == "orthogonal" else f"grad {p['mode']}"
+        if self.kind == "interp":
+            return f"interp {p['a']:g}"
+        s = f"act e{p['e']:g}"
+        if p["c"]:
+            s += f" c{p['c']:g}"
+        if p["pos"] != "all":
+            s += f" {p['pos']}"
+        if self.kind == "act+ptx":
+            s += f" + ptx {p['w']:g}"
+        return s
+
+    @property
+    def family(self) -> str:
+        return FAMILY[self.kind]
+
+    @property
+    def trains(self) -> bool:
+        return self.kind != "interp"
+
+    @property
+    def spec(self) -> str:
+        return ":".join([self.kind] + [f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in self.params])
+
+
+def parse_method(text: str) -> Method:
+    """Parse one spec; ``ValueError`` naming the bad part."""
+    parts = [t.strip() for t in str(text).strip().split(":")]
+    kind = parts[0]
+    if kind not in _KEYS:
+        raise ValueError(f"unknown method {kind!r} in {text!r}; known: {', '.join(KINDS)}")
+    params = dict(_KEYS[kind])
+    for part in parts[1:]:
+        if "=" not in part:
+            raise ValueError(f"method {text!r}: {part!r} is not key=value (keys of {kind}: "
+                             f"{', '.join(_KEYS[kind]) or 'none'})")
+        key, value = (s.strip() for s in part.split("=", 1))
+        if key not in params:
+            raise ValueError(f"method {text!r}: unknown key {key!r} (keys of {kind}: {', '.join(_KEYS[kind]) or 'none'})")
+        if key in _CHOICES:
+            if value not in _CHOICES[key]:
+                raise ValueError(f"method {text!r}: {key} must be one of {_CHOICES[key]}, got {value!r}")
+            params[key] = value
+            continue
+        try:
+            v = float(value)
+        except ValueError:
+            raise ValueError(f"method {text!r}: {key}={value!r} is not a number") from None
+        if key == "e" and not 0.0 <= v <= 1.0:
+            raise ValueError(f"method {text!r}: energy e must be in [0, 1], got {v}")
+        if key in ("w", "c") and not v >= 0.0:
+            raise ValueError(f"method {text!r}: {key} must be >= 0, got {v}")
+        if kind in ("ptx", "kl", "act+ptx") and key == "w" and not v > 0.0:
+            raise ValueError(f"method {text!r}: the weight w must be > 0")
+        params[key] = v
+    return Method(kind, tuple(params.items()))
+
+
+def parse_methods(text: str) -> list[Method]:
+    """Parse a comma-separated list; duplicates refused; ``interp`` needs ``plain`` (added first if missing)."""
+    methods = [parse_method(t) for t in str(text).split(",") if t.strip()]
+    if not methods:
+        raise ValueError("no method given")
+    names = [m.name for m in methods]
+    dup = sorted({n for n in names if names.count(n) > 1})
+    if dup:
+        raise ValueError(f"method(s) given twice: {', '.join(dup)}")
+    if any(m.kind == "interp" for m in methods) and not any(m.kind == "plain" for m in methods):
+        methods.insert(0, parse_method("plain"))
+    # plain first, its interpolations right after: they are made from its weights (then freed)
+    methods.sort(key=lambda m: {"plain": 0, "interp": 1}.get(m.kind, 2))
+    return methods

