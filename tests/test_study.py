@@ -250,3 +250,14 @@ def test_ddp_two_processes(tiny, tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     res = json.loads((out / "s.json").read_text())
     assert res["world_size"] == 2 and {r["method"] for r in res["rows"]} == {"base", "plain", "act e0.9", "grad"}
+
+
+def test_dpo_through_trl(tiny, tmp_path):
+    pytest.importorskip("trl")
+    out = tmp_path / "out"
+    assert run_main(args(tiny, out, tmp_path / "cache", "--methods", "plain,grad,act:e=0.9", "--objective", "dpo",
+                         "--dpo-impl", "trl")) == 0
+    rows = {r["method"]: r for r in json.loads((out / "s.json").read_text())["rows"]}
+    assert set(rows) == {"base", "plain", "grad", "act e0.9"}
+    assert rows["grad"]["removed_fraction"] is not None and rows["act e0.9"]["basis_mib"] > 0
+    assert math.isfinite(rows["plain"]["loss_first"])

@@ -76,6 +76,7 @@ class StudyConfig:
     refresh_every: int = 10
     basis_batches: int = 4
     backend: str | None = None
+    dpo_impl: str = "own"
     # scoring
     max_eval: int = 48
     train_eval: int = 16
@@ -164,6 +165,8 @@ def _check_numbers(cfg: StudyConfig) -> None:
     bad = [o for o in cfg.objectives if o not in ("sft", "dpo")]
     if bad or not cfg.objectives:
         raise StudyError(f"--objective must be sft and/or dpo, got {cfg.objectives}")
+    if cfg.dpo_impl not in ("own", "trl"):
+        raise StudyError(f"--dpo-impl must be 'own' or 'trl', got {cfg.dpo_impl!r}")
     if cfg.capability_filter not in ("base", "none"):
         raise StudyError(f"--capability-filter must be 'base' or 'none', got {cfg.capability_filter!r}")
 
@@ -346,6 +349,16 @@ def prepare(cfg: StudyConfig) -> dict[str, Any]:
         methods = parse_methods(cfg.methods)
     except ValueError as exc:
         raise StudyError(f"--methods: {exc}") from None
+    if cfg.dpo_impl == "trl" and "dpo" in cfg.objectives:
+        from .train import TRL_METHODS
+
+        bad = [m.name for m in methods if m.kind not in TRL_METHODS + ("interp",)]
+        if bad:
+            raise StudyError(f"--dpo-impl trl runs {', '.join(TRL_METHODS)} (and interp) only; not {', '.join(bad)}")
+        try:
+            import trl  # noqa: F401
+        except ImportError:
+            raise StudyError("--dpo-impl trl needs the 'trl' package: pip install trl") from None
     for what, path in (("--json", cfg.json), ("--markdown", cfg.markdown), ("--plot", cfg.plot)):
         if path:
             check_output_path(path, what)
@@ -467,7 +480,7 @@ def _samples(eval_sets: dict[str, list], gens: dict[str, list[str]], n: int) -> 
 
 def run_study(cfg: StudyConfig) -> dict[str, Any]:
     """Run the study; returns the result dict (``rows``, ``setup``, ``config``). Raises StudyError on bad input."""
-    from .train import SafetySet, TrainConfig, reference_logps, train
+    from .train import SafetySet, TrainConfig, reference_logps, train, train_trl
 
     t_wall = time.perf_counter()
     prep = prepare(cfg)
@@ -522,7 +535,9 @@ def run_study(cfg: StudyConfig) -> dict[str, Any]:
             rows.append(row)
         for objective in cfg.objectives:
             safety = SafetySet(chosen=chosen)
-            if objective == "dpo":
+            use_trl = objective == "dpo" and cfg.dpo_impl == "trl"
+            prefs = [(e.prompt, r, base_gens[e.prompt]) for e, r in zip(harm_train, refusals)]
+            if objective == "dpo" and not use_trl:
                 safety.rejected = _encode_all(tok, [(e.prompt, base_gens[e.prompt]) for e in harm_train], cfg)
                 safety.ref_chosen = reference_logps(model, chosen, cfg.batch_size, tok.pad_token_id, device).cpu()
                 safety.ref_rejected = reference_logps(model, safety.rejected, cfg.batch_size, tok.pad_token_id,
@@ -564,7 +579,7 @@ def run_study(cfg: StudyConfig) -> dict[str, Any]:
                     start = {n: p.detach().clone() for n, p in tuned.named_parameters() if p.requires_grad} \
                         if m.kind == "plain" else None
                     fwd = tuned
-                    if world > 1:
+                    if world > 1 and not use_trl:
                         from torch.nn.parallel import DistributedDataParallel as DDP
 
                         fwd = DDP(tuned, device_ids=[torch.device(device).index] if device.startswith("cuda") else None)
@@ -573,8 +588,12 @@ def run_study(cfg: StudyConfig) -> dict[str, Any]:
                                        basis_batches=cfg.basis_batches, seed=seed, backend=cfg.backend, rank=rank,
                                        world_size=world)
                     outer.set_description(f"study: seed {seed} {objective} lr {lr:g} {m.name}")
-                    tr = train(tuned, model, m, safety, retain, tcfg, pad_id=tok.pad_token_id, forward_model=fwd,
-                               progress=outer)
+                    if use_trl:
+                        tr = train_trl(tuned, model, m, prefs, retain, tcfg, tok=tok, max_length=cfg.max_length,
+                                       progress=outer)
+                    else:
+                        tr = train(tuned, model, m, safety, retain, tcfg, pad_id=tok.pad_token_id,
+                                   forward_model=fwd, progress=outer)
                     tuned.eval()
                     if rank == 0:
                         row, gens = _score(tuned, tok, eval_sets, train_sets, benign_tf, cfg, None, show)

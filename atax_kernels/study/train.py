@@ -19,6 +19,7 @@ backpropagated apart and accumulated), so a DDP-wrapped model sees one forward p
 from __future__ import annotations
 
 import contextlib
+import copy
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
@@ -323,6 +324,104 @@ def train(model: torch.nn.Module, base: torch.nn.Module, method: Method, safety:
         loss_last=float(losses[-1]) if losses else float("nan"),
         removed_fraction=float(torch.stack(removed).double().mean()) if removed else None,
         refreshes=refreshes, notes=notes)
+    if sub is not None:
+        res.basis_mib = sub.memory_bytes() / 2**20
+        r = [v for k, v in sub.ranks().items() if not k.endswith(".lora_B")]
+        res.rank_mean = sum(r) / max(1, len(r))
+    return res
+
+
+# -- DPO through TRL's DPOTrainer (plain / grad / act), the projection attached with atax_kernels.hf.attach ----
+TRL_METHODS = ("plain", "grad", "act")
+
+
+def train_trl(model: torch.nn.Module, base: torch.nn.Module, method: Method, prefs: Sequence[tuple[str, str, str]],
+              retain: Sequence[dict[str, list[int]]], cfg: TrainConfig, *, tok: Any, max_length: int,
+              progress: Any = None) -> TrainResult:
+    """DPO with ``trl.DPOTrainer`` (the base as ``ref_model``; conversational prompt/chosen/rejected rows, so TRL
+    applies the chat template), the mitigation attached as a user would: ``grad`` = ``attach(trainer,
+    reference=retain_batches)``, ``act`` = ``attach(trainer, reference=ActivationSubspace.from_loader(...),
+    refresh_every=...)``. Only these two and ``plain``: PTX / KL / act+ptx need a loss TRL's DPO does not have.
+    Step times come from a callback (the reference forward of TRL is part of every step)."""
+    import tempfile
+
+    import datasets
+    from transformers import TrainerCallback
+    from trl import DPOConfig, DPOTrainer
+
+    from ..activation import ActivationSubspace
+    from ..integrations.hf import attach
+
+    if method.kind not in TRL_METHODS:
+        raise ValueError(f"--dpo-impl trl runs {', '.join(TRL_METHODS)} only, not {method.name!r}")
+    p = dict(method.params)
+    device = next(model.parameters()).device
+    ds = datasets.Dataset.from_list([
+        {"prompt": [{"role": "user", "content": q}], "chosen": [{"role": "assistant", "content": c}],
+         "rejected": [{"role": "assistant", "content": r}]} for q, c, r in prefs])
+    order = torch.randperm(len(retain), generator=torch.Generator().manual_seed(cfg.seed + 101)).tolist()
+    ref_batches = batches([retain[i] for i in order], cfg.batch_size, tok.pad_token_id, device)
+    times: list[float] = []
+    losses: list[float] = []
+
+    class _Clock(TrainerCallback):
+        def on_step_begin(self, args, state, control, **kw):
+            self.t = time.perf_counter()
+
+        def on_step_end(self, args, state, control, **kw):
+            times.append(time.perf_counter() - self.t)
+            if progress is not None:
+                progress.update(1)
+
+        def on_log(self, args, state, control, logs=None, **kw):
+            if logs and "loss" in logs:
+                losses.append(float(logs["loss"]))
+
+    setup = 0.0
+    with tempfile.TemporaryDirectory() as out:
+        dt = next(model.parameters()).dtype
+        args = DPOConfig(
+            output_dir=out, per_device_train_batch_size=cfg.batch_size, max_steps=cfg.steps, learning_rate=cfg.lr,
+            weight_decay=cfg.weight_decay, beta=cfg.beta, lr_scheduler_type="constant", warmup_steps=0,
+            logging_steps=1, save_strategy="no", report_to=[], use_cpu=device.type == "cpu",
+            bf16=dt == torch.bfloat16, max_length=max_length, disable_tqdm=True, seed=cfg.seed,
+            dataloader_num_workers=0, optim="adamw_torch", gradient_checkpointing=False)
+        # TRL prepares its ref_model in place (the forward of a prepared model can end up wrapped for inference,
+        # and a later deepcopy of the base would inherit it): give it a copy of its own
+        ref_model = copy.deepcopy(base)
+        trainer = DPOTrainer(model=model, ref_model=ref_model, args=args, train_dataset=ds, processing_class=tok,
+                             callbacks=[_Clock()])
+        sub = None
+        if method.kind == "grad":
+            handle = attach(trainer, reference=ref_batches, mode=str(p["mode"]), backend=cfg.backend)
+        elif method.kind == "act":
+            t0 = time.perf_counter()
+            sub = ActivationSubspace.from_loader(model, ref_batches[:cfg.basis_batches], energy=float(p["e"]),
+                                                 contrast=float(p["c"]), positions=str(p["pos"]))
+            setup = time.perf_counter() - t0
+            handle = attach(trainer, reference=sub, refresh_every=cfg.refresh_every, backend=cfg.backend)
+        else:
+            handle = None
+        t0 = time.perf_counter()
+        trainer.train()
+        seconds = time.perf_counter() - t0
+        removed = None
+        if handle is not None:
+            hist = [e for e in trainer.state.log_history
+                    if "atax/removed_fraction" in e or "atax/update_removed_fraction" in e]
+            vals = [e.get("atax/removed_fraction", e.get("atax/update_removed_fraction")) for e in hist]
+            vals = [v for v in vals if v is not None]
+            removed = sum(vals) / len(vals) if vals else None
+            handle.detach()
+    timed = times[1:] if len(times) > 1 else times
+    n_ref = min(cfg.basis_batches, len(ref_batches))
+    xf, xb = {"plain": (0.0, 0.0), "grad": (1.0, 1.0), "act": (n_ref / cfg.refresh_every, 0.0)}[method.kind]
+    res = TrainResult(steps=cfg.steps, seconds=seconds, seconds_per_step=sum(timed) / max(1, len(timed)),
+                      refresh_seconds_per_step=0.0, setup_seconds=setup, extra_forward=xf, extra_backward=xb,
+                      loss_first=losses[0] if losses else float("nan"),
+                      loss_last=losses[-1] if losses else float("nan"), removed_fraction=removed,
+                      notes=["trl DPOTrainer (reference forward every step, inside s/step); activation refreshes "
+                             "inside s/step"])
     if sub is not None:
         res.basis_mib = sub.memory_bytes() / 2**20
         r = [v for k, v in sub.ranks().items() if not k.endswith(".lora_B")]
