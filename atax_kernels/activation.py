@@ -1025,16 +1025,20 @@ class ActivationSubspace:
         return n
 
     def state_dict(self) -> dict[str, Any]:
-        """Settings, groups, bases, protected tokens and (with ``update(decay>0)``) the averaged moments."""
+        """Settings, groups, bases, protected tokens, (with ``update(decay>0)``) the averaged moments, and the
+        moments observed since the last ``update()`` (per side, with their counts: e.g. the training batches
+        observed as the safety side between refreshes), so a resumed run's next ``update()`` is the same."""
         return {
-            "version": 1,
+            "version": 2,
             "settings": {"energy": self.energy, "contrast": self.contrast, "max_rank": self.max_rank,
                          "basis_dtype": str(self.basis_dtype).replace("torch.", ""), "biases": self.biases,
                          "norms": self.norms, "lora": self.lora, "weighting": self.weighting},
             "updates": self.updates,
             "groups": [{"modules": list(g.members), "d_in": g.d_in,
                         "basis": None if g.basis is None else g.basis.detach().cpu().clone(),
-                        "ema": {s: (None if g.ema[s] is None else g.ema[s].cpu().clone()) for s in SIDES}}
+                        "ema": {s: (None if g.ema[s] is None else g.ema[s].cpu().clone()) for s in SIDES},
+                        "acc": {s: (None if g.acc[s] is None else g.acc[s].detach().cpu().clone()) for s in SIDES},
+                        "count": {s: float(g.count[s]) for s in SIDES}}
                        for g in self._groups],
             "lora_b": {e.name: {a: u.cpu().clone() for a, u in e.lora_b_bases.items()}
                        for e in self._entries if e.lora_b_bases},
@@ -1042,12 +1046,14 @@ class ActivationSubspace:
                        for e in self._entries if e.kind == "embedding"},
             "token_ema": {e.name: {s: (None if e.ema_counts[s] is None else e.ema_counts[s].cpu().clone())
                                    for s in SIDES} for e in self._entries if e.kind == "embedding"},
+            "token_counts": {e.name: {s: (None if e.counts[s] is None else e.counts[s].cpu().clone())
+                                      for s in SIDES} for e in self._entries if e.kind == "embedding"},
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore :meth:`state_dict` output onto the same model structure (checked before anything changes)."""
-        if not isinstance(state, dict) or state.get("version") != 1 or "groups" not in state:
-            raise ValueError("state was not produced by ActivationSubspace.state_dict() (version 1)")
+        if not isinstance(state, dict) or state.get("version") not in (1, 2) or "groups" not in state:
+            raise ValueError("state was not produced by ActivationSubspace.state_dict() (version 1 or 2)")
         by_name = {e.name: e for e in self._entries}
         dense = {e.name for e in self._entries if e.kind != "embedding"}
         listed: list[str] = []
@@ -1062,13 +1068,22 @@ class ActivationSubspace:
             b = gs["basis"]
             if b is not None and (b.dim() != 2 or b.shape[0] != gs["d_in"]):
                 raise ValueError(f"state groups[{j}] basis has shape {tuple(b.shape)}; expected [{gs['d_in']}, r]")
+            for side, a in (gs.get("acc") or {}).items():   # version 2: moments since the last update()
+                if side not in SIDES or (a is not None and tuple(a.shape) != (gs["d_in"], gs["d_in"])):
+                    raise ValueError(f"state groups[{j}] acc[{side!r}] has shape "
+                                     f"{None if a is None else tuple(a.shape)}; expected [{gs['d_in']}, {gs['d_in']}]")
             listed += gs["modules"]
         if sorted(listed) != sorted(dense):
             raise ValueError(f"state covers modules {sorted(listed)}, this ActivationSubspace protects "
                              f"{sorted(dense)}")
-        for n in state.get("tokens", {}):
+        for n in set(state.get("tokens", {})) | set(state.get("token_counts", {})):
             if n not in by_name or by_name[n].kind != "embedding":
                 raise ValueError(f"state names embedding {n!r}, which this ActivationSubspace does not protect")
+        for n, cs in state.get("token_counts", {}).items():
+            for side, c in cs.items():
+                if side not in SIDES or (c is not None and tuple(c.shape) != (by_name[n].d_in,)):
+                    raise ValueError(f"state token_counts[{n!r}][{side!r}] has shape "
+                                     f"{None if c is None else tuple(c.shape)}; expected [{by_name[n].d_in}]")
         s = state["settings"]
         self.energy, self.contrast, self.max_rank = s["energy"], s["contrast"], s["max_rank"]
         self.basis_dtype = getattr(torch, s["basis_dtype"])
@@ -1085,6 +1100,10 @@ class ActivationSubspace:
             g.basis = None if gs["basis"] is None else gs["basis"].to(g.device, self.basis_dtype)
             g.ema = {k: (None if v is None else v.to(g.device)) for k, v in gs.get("ema", {}).items()} or \
                 {k: None for k in SIDES}
+            # version 1 states hold no in-progress moments: the next update() sees only what comes after
+            acc = gs.get("acc") or {}
+            g.acc = {k: (None if acc.get(k) is None else acc[k].to(g.device, torch.float64)) for k in SIDES}
+            g.count = {k: float((gs.get("count") or {}).get(k, 0.0)) for k in SIDES}
             for n in g.members:
                 by_name[n].group = g
             self._groups.append(g)
@@ -1097,6 +1116,9 @@ class ActivationSubspace:
                 e.tokens = None if t is None else t.to(e.module.weight.device)
                 ema = state.get("token_ema", {}).get(e.name, {})
                 e.ema_counts = {k: (None if ema.get(k) is None else ema[k].to(e.module.weight.device)) for k in SIDES}
+                cnt = state.get("token_counts", {}).get(e.name, {})
+                e.counts = {k: (None if cnt.get(k) is None else cnt[k].to(e.module.weight.device, torch.float64))
+                            for k in SIDES}
 
     # -- loaders -----------------------------------------------------------------------------------
     def observe_loader(self, loader: Iterable[Any], *, side: str = "capability",

@@ -399,35 +399,46 @@ def _hf():
     return H
 
 
-@pytest.mark.parametrize("stream", ["list", "shuffled_loader", "ema_refresh2"])
+@pytest.mark.parametrize("stream", ["list", "shuffled_loader", "ema_refresh2", "activation_c0.5_ckpt3",
+                                    "activation_c0.5_ckpt2", "activation_c0_ckpt3"])
 def test_attach_resume_mid_run_is_bit_exact_with_several_capability_batches(tmp_path, stream):
     H = _hf()
     from transformers import Trainer, TrainingArguments
 
+    from atax_kernels import ActivationSubspace
     from atax_kernels.integrations.hf import EMA, attach
 
     tok = H.make_tokenizer()
     cap = H.capability_batches(tok, n=3)
-    refresh = 2 if stream == "ema_refresh2" else 1
+    activation = stream.startswith("activation")
+    refresh = 2 if stream == "ema_refresh2" or activation else 1
+    # Activation (issue 17 item 4): with contrast > 0 the training batches' forwards are the safety side; the
+    # moments gathered between refreshes must survive the checkpoint (ckpt 2: mid-window; ckpt 3: right after
+    # a refresh, the next window starts in the resumed run).
+    save_at = 3 if stream.endswith("ckpt3") else 2
 
-    def reference():
+    def reference(model):
         if stream == "shuffled_loader":
             return torch.utils.data.DataLoader(cap, batch_size=None, shuffle=True)
         if stream == "ema_refresh2":
             return EMA(cap, beta=0.5)
+        if activation:
+            contrast = 0.5 if "c0.5" in stream else 0.0
+            return ActivationSubspace.from_loader(model, cap, energy=0.9, contrast=contrast)
         return cap
 
     def run(out, max_steps, resume=None):
-        kw = H.base_args(tmp_path / out, max_steps=max_steps, save_strategy="steps", save_steps=2,
+        kw = H.base_args(tmp_path / out, max_steps=max_steps, save_strategy="steps", save_steps=save_at,
                          gradient_accumulation_steps=1)
-        trainer = Trainer(model=H.make_model(tok), args=TrainingArguments(**kw), train_dataset=H.lm_dataset(tok))
-        attach(trainer, reference=reference(), refresh_every=refresh)
+        model = H.make_model(tok)
+        trainer = Trainer(model=model, args=TrainingArguments(**kw), train_dataset=H.lm_dataset(tok))
+        attach(trainer, reference=reference(model), refresh_every=refresh)
         trainer.train(resume_from_checkpoint=resume)
         return [p.detach().clone() for p in trainer.model.parameters()]
 
     full = run("full", 7)  # captures at steps 1..7 walk over the 3 batches 2 1/3 times
     # Mid-pass: step 3 draws the third batch (a restarted stream would draw the first).
-    ckpt = tmp_path / "full" / "out" / "checkpoint-2"
+    ckpt = tmp_path / "full" / "out" / f"checkpoint-{save_at}"
     resumed = run("resumed", 7, resume=str(ckpt))
     diff = max(float((a - b).abs().max()) for a, b in zip(full, resumed))
     assert diff == 0.0, f"resumed run differs from the uninterrupted one by {diff:.3e}"

@@ -626,6 +626,10 @@ class AtaxHandle:
     def _observe_training_batch(self, args: tuple, kwargs: dict) -> Any:
         """With an ActivationSubspace of contrast > 0: the training batch's own forward is the safety side."""
         sub = self.reference
+        if isinstance(sub, ActivationSubspace) and self._resume_state is not None:
+            # Before this batch is observed: loading replaces the moments gathered since the last update()
+            # with the checkpoint's (the safety side between refreshes), so the resumed run is bit-exact.
+            self._apply_resume_state(self._params())
         if not isinstance(sub, ActivationSubspace) or sub.contrast == 0:
             return contextlib.nullcontext()
         inputs = args[1] if len(args) > 1 else kwargs.get("inputs")
