@@ -48,6 +48,15 @@ _DISPLAY_NAMES = {
     "The Gambia": "the Gambia",
 }
 
+# other spellings / names of the same city, accepted beside countryinfo's (joined with "|")
+_CAPITAL_ALIASES = {
+    "Kyiv": "Kiev",
+    "Ulaanbaatar": "Ulan Bator",
+    "Naypyidaw": "Nay Pyi Taw|Naypyitaw",
+    "Nur-Sultan": "Astana",             # renamed back to Astana in 2022
+    "Washington D.C.": "Washington",
+}
+
 _FILE_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet", ".pq")
 
 
@@ -103,7 +112,9 @@ def _countries() -> list[tuple[str, str]]:
         elif isinstance(cap, str):
             cap = "|".join(c.strip() for c in cap.split(" / ") if c.strip())
         if name and cap:
-            out.append((str(name), cap))
+            alts = cap.split("|")
+            alts += [a for c in cap.split("|") for a in _CAPITAL_ALIASES.get(c, "").split("|") if a]
+            out.append((str(name), "|".join(alts)))
     return sorted(set(out))
 
 
