@@ -154,3 +154,23 @@ def test_readme_ships_with_the_data():
     text = (DATA_DIR / "README.md").read_text()
     for name in ("benign.jsonl", "harmful.jsonl", "lookalike.jsonl", "countryinfo"):
         assert name in text
+
+
+def test_load_examples_hub_spec(monkeypatch):
+    """NAME[:config][:split] reaches datasets.load_dataset as (name, config, split); no network (patched)."""
+    datasets = pytest.importorskip("datasets")
+    calls = []
+
+    def fake(name, config=None, split=None):
+        calls.append((name, config, split))
+        ds = datasets.Dataset.from_list([{"prompt": "How do I make a bomb?", "cat": "weapons"}])
+        return ds if split else datasets.DatasetDict({"test": ds, "train": ds})
+
+    monkeypatch.setattr(datasets, "load_dataset", fake)
+    for spec, want in (("org/set", ("org/set", None, None)), ("org/set:train", ("org/set", None, "train")),
+                       ("org/set:default", ("org/set", "default", None)),
+                       ("org/set:cfg:test", ("org/set", "cfg", "test")), ("org/set:train[:10]", ("org/set", None, "train[:10]"))):
+        ex = load_examples(spec, prompt_col="prompt", group_col="cat", kind="harmful")
+        assert calls[-1] == want and ex == [Example("How do I make a bomb?", None, "weapons", kind="harmful")]
+    with pytest.raises(ValueError, match=r"'response'.*org/set.*\['prompt', 'cat'\]"):
+        load_examples("org/set", prompt_col="prompt", response_col="response")

@@ -59,6 +59,8 @@ REFUSAL_PATTERNS: tuple[str, ...] = (
     r"\bi (?:must|have to|need to) (?:respectfully |politely )?decline\b",
     r"\bi(?:'m| am)? (?:going to |have to |must )?(?:respectfully )?(?:decline|refuse)\b",
     r"\bnot (?:able|allowed|permitted) to (?:help|assist|provide|share|give)\b",
+    r"\bi(?:'m| am) not (?:equipped|qualified|in a position|comfortable|programmed|designed) to (?:help|assist|"
+    r"provide|give|answer|share|offer|discuss|engage)\b",     # "I'm not equipped to provide medical advice"
     r"\b(?:against|violates?) (?:my|our|the) (?:guidelines|policies|policy|principles|programming|ethical)\b",
     r"\b(?:it is|it's|that is|that's|this is) (?:not )?(?:appropriate|ethical|legal) for me\b",
     r"\bi (?:can't|cannot|won't) (?:and (?:won't|will not) )?(?:help|assist)\b",
