@@ -22,6 +22,7 @@ import json
 import math
 import os
 import random
+import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Iterable
@@ -210,7 +211,7 @@ def _read_hub(spec: str) -> list[dict[str, Any]]:
     except ImportError:
         raise ImportError(f"{spec!r} is not a local file, and loading a Hugging Face dataset needs the 'datasets' "
                           f"package: pip install datasets") from None
-    parts = spec.split(":")
+    parts = re.split(r":(?![^\[]*\])", spec)          # colons inside a split slice ("train[:10]") stay
     if len(parts) > 3 or not parts[0]:
         raise ValueError(f"dataset spec {spec!r}: expected NAME[:config][:split]")
     name, config, split = parts[0], None, None
