@@ -25,6 +25,13 @@ How the answer is made trustworthy:
 4. If the active set hits its iteration cap or fails the check, a method that cannot cycle takes over:
    cyclic projected coordinate descent, which lowers the objective at every step; its support then seeds
    a second active-set pass. The candidate with the smallest KKT violation is returned.
+5. More references than elements (k > n, e.g. a bias with tensor granularity): then ``rank(G) <= n``, so the
+   ``k - n`` weakest eigen-directions of the Gram are exactly null in truth and rounding alone gave them
+   their (~1e-7) eigenvalues. Left in, they act like phantom dimensions of size ~sqrt(1e-7): the multipliers
+   are then not unique, Lawson–Hanson returns a vertex whose active references can be nearly dependent
+   (multipliers ~100 that cancel), and the Gram's rounding, amplified by that cancellation, moved ``g'`` by up
+   to ~1e-2 |g| (issue 17). They are removed before the solve when the caller passes ``max_rank`` (see
+   :func:`_drop_null_directions`), and the coefficients returned are the minimum-norm ones on what is kept.
 """
 from __future__ import annotations
 
@@ -179,12 +186,39 @@ def _solve_unit(G: np.ndarray, b: np.ndarray, rtol: float) -> np.ndarray:
     return min(candidates, key=lambda c: _kkt_violation(G, b, c) - _tolerance(rtol, c))
 
 
-def nonneg_quadratic_min(G: np.ndarray, b: np.ndarray, gg: float, rtol: float = CONE_RTOL) -> np.ndarray:
+def _drop_null_directions(G: np.ndarray, b: np.ndarray, rtol: float, max_rank: int) -> np.ndarray:
+    """The solve on unit ``G``, ``b`` when ``rank(G) <= max_rank < k`` is known from the vectors' length.
+
+    The ``k - max_rank`` smallest eigenvalues belong to exact null directions ``v`` (``R^T v = 0``), so
+    ``v . b = (R^T v) . g = 0`` too: both are projected out (``P`` = the projector onto the kept eigenvectors)
+    and the problem solved on ``P G P``, ``P b``, whose rounding no longer fakes extra dimensions. Any
+    minimiser ``nu`` gives the same ``R^T nu``; ``P nu`` is the minimum-norm representative (it may have
+    negative entries), whose small coefficients also keep the fp32 combine pass from cancelling large terms.
+    """
+    k = b.shape[0]
+    if max_rank <= 0:
+        return np.zeros(k)
+    w, V = np.linalg.eigh(G)  # ascending
+    keep = V[:, k - max_rank:]
+    G_kept = (keep * w[k - max_rank:]) @ keep.T
+    b_kept = keep @ (keep.T @ b)
+    if b_kept.min() >= -rtol:  # the conflict was rounding along a null direction
+        return np.zeros(k)
+    nu = _solve_unit(0.5 * (G_kept + G_kept.T), b_kept, rtol)
+    return keep @ (keep.T @ nu)
+
+
+def nonneg_quadratic_min(G: np.ndarray, b: np.ndarray, gg: float, rtol: float = CONE_RTOL,
+                         max_rank: int | None = None) -> np.ndarray:
     """``argmin_{mu >= 0} 1/2 mu^T G mu + mu^T b`` for one problem (``G`` k x k PSD, ``b`` k, ``gg = |g|^2``).
 
     Any scaling of the references and the gradient is fine (the solve rescales to unit vectors). A
     reference is treated as conflicting only while ``r_j . g' < -rtol |r_j| |g|``. Zero references, and
     every entry of a problem with non-finite or zero-gradient input, get ``mu_j = 0``.
+
+    ``max_rank``: an upper bound on ``rank(G)`` known to the caller (the vectors' length n). When fewer than
+    the live references, the Gram's null directions are removed first (see :func:`_drop_null_directions`);
+    the result is then the minimum-norm ``mu`` giving the same ``R^T mu``, not necessarily ``>= 0``.
     """
     G = np.asarray(G, dtype=np.float64)
     b = np.asarray(b, dtype=np.float64)
@@ -204,17 +238,22 @@ def nonneg_quadratic_min(G: np.ndarray, b: np.ndarray, gg: float, rtol: float = 
     g_norm = float(np.sqrt(max(float(gg), float((b_unit ** 2).max()), 0.0)))
     if g_norm == 0.0 or b_unit.min() >= -rtol * g_norm:
         return mu
-    nu = _solve_unit(0.5 * (G_unit + G_unit.T), b_unit / g_norm, rtol)
+    G_unit = 0.5 * (G_unit + G_unit.T)
+    if max_rank is not None and max_rank < live.size:
+        nu = _drop_null_directions(G_unit, b_unit / g_norm, rtol, max_rank)
+    else:
+        nu = _solve_unit(G_unit, b_unit / g_norm, rtol)
     mu[live] = nu * g_norm * d
     return mu
 
 
 def nonneg_quadratic_min_batch(G: np.ndarray, b: np.ndarray, gg: np.ndarray,
-                               rtol: float = CONE_RTOL) -> np.ndarray:
+                               rtol: float = CONE_RTOL, max_rank: np.ndarray | None = None) -> np.ndarray:
     """:func:`nonneg_quadratic_min` over a batch (``G [m, k, k]``, ``b [m, k]``, ``gg [m]``).
 
     Problems without a conflict (every ``r_j . g >= -rtol |r_j| |g|``: most parameter tensors, most steps)
-    are recognised in one vectorised pass and get ``mu = 0`` without a Python-level solve.
+    are recognised in one vectorised pass and get ``mu = 0`` without a Python-level solve. ``max_rank``
+    (``[m]`` ints, or None): each problem's bound on ``rank(G)``, as in :func:`nonneg_quadratic_min`.
     """
     G = np.asarray(G, dtype=np.float64)
     b = np.asarray(b, dtype=np.float64)
@@ -227,5 +266,6 @@ def nonneg_quadratic_min_batch(G: np.ndarray, b: np.ndarray, gg: np.ndarray,
         g_norm = np.sqrt(np.maximum(gg, 0.0))
         conflict = (cos_scaled < -rtol * g_norm[:, None]).any(axis=1)
     for i in np.flatnonzero(conflict):
-        mu[i] = nonneg_quadratic_min(G[i], b[i], float(gg[i]), rtol)
+        mu[i] = nonneg_quadratic_min(G[i], b[i], float(gg[i]), rtol,
+                                     None if max_rank is None else int(max_rank[i]))
     return mu

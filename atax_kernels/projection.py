@@ -126,11 +126,14 @@ def _pinv_solve(G: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 def _solve_coefs(
     G: torch.Tensor, b: torch.Tensor, gg: torch.Tensor, mode: str, strength: float,
-    cone_rtol: float = CONE_RTOL,
+    cone_rtol: float = CONE_RTOL, max_rank: Sequence[int] | None = None,
 ) -> torch.Tensor:
     """Coefficients ``c`` (``g' = g - R^T c``) for one or a batch of problems (leading dims of ``b``).
 
     ``cone_rtol``: conflicts smaller than this (a cosine) are left in place by the cone solve.
+    ``max_rank``: per problem (flattened), the number of elements its vectors have, when known: with more
+    references than that, the cone solve removes the Gram's null directions (see ``_cone``) and returns the
+    minimum-norm coefficients, which may then have either sign.
     """
     k = b.shape[-1]
     if k == 1:
@@ -149,7 +152,8 @@ def _solve_coefs(
         return strength * d * _pinv_solve(G_hat, b_hat)
     # One host copy for the whole batch (this is the sync k >= 2 needs); see _cone for the solve.
     Gh, bh, ggh = G_hat.cpu().numpy(), b_hat.cpu().numpy(), gg.cpu().numpy()
-    mu = nonneg_quadratic_min_batch(Gh.reshape(-1, k, k), bh.reshape(-1, k), ggh.reshape(-1), cone_rtol)
+    ranks = None if max_rank is None else np.asarray(max_rank, dtype=np.int64).reshape(-1)
+    mu = nonneg_quadratic_min_batch(Gh.reshape(-1, k, k), bh.reshape(-1, k), ggh.reshape(-1), cone_rtol, ranks)
     mu = mu.reshape(bh.shape)
     return -strength * d * torch.from_numpy(mu).to(b.device)
 
@@ -361,7 +365,13 @@ def _project_resolved(
     if orthonormal:
         coefs = alpha * (b if mode == "orthogonal" else torch.clamp(b, max=0.0))
     else:
-        coefs = _solve_coefs(G, b, gg, mode, alpha)
+        # The vectors' length bounds rank(G) (k > n: tiny tensors, tensor granularity). Only for local Grams:
+        # after reduce_grams the vectors are shards of a longer whole, whose length is not known here.
+        max_rank = None
+        if mode == "conflict" and k > 1 and reduce_grams is None:
+            sizes = [t.numel() for t in grads]
+            max_rank = sizes if per_tensor else [sum(sizes)]
+        coefs = _solve_coefs(G, b, gg, mode, alpha, max_rank=max_rank)
     if not can_sync:
         coefs = torch.where(all_finite, coefs, torch.zeros_like(coefs))
     applied = coefs if extra_coefs is None else coefs + extra_coefs.to(coefs)
