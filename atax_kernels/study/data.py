@@ -20,7 +20,6 @@ import csv
 import hashlib
 import json
 import math
-import os
 import random
 import re
 from dataclasses import asdict, dataclass
