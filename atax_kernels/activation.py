@@ -1171,6 +1171,9 @@ class ActivationSubspace:
         The loader is kept (``refresh()``, ``attach(refresh_every=N)`` re-observe it from the current model),
         and so is ``positions`` (see :meth:`observe_loader`).
         """
+        from ._batches import check_first  # the first batch has the model's inputs (peeked, nothing consumed)
+        check_first(model, loader, where="ActivationSubspace.from_loader: the capability loader",
+                    needs_loss=False, custom=forward is not None)
         if positions not in POSITIONS:
             raise ValueError(f"positions must be one of {POSITIONS}, got {positions!r}")
         if iter(loader) is loader:

@@ -87,3 +87,126 @@ def test_load_state_dict_refuses_bad_moments_before_changing_anything():
     with pytest.raises(ValueError, match=r"acc\['safety'\] has shape \(3, 3\)"):
         target.load_state_dict(bad)
     assert target.energy == 0.7 and target.updates == 0
+
+
+# --- item 5: capability batches checked at attach()/from_loader, before anything runs -----------------------
+
+def _hf():
+    pytest.importorskip("datasets")
+    import test_hf_integration as H
+
+    return H
+
+
+def _trainer(H, tok, tmp_path, model=None):
+    from transformers import Trainer, TrainingArguments
+
+    model = model or H.make_model(tok)
+    return Trainer(model=model, args=TrainingArguments(**H.base_args(tmp_path)), train_dataset=H.lm_dataset(tok))
+
+
+def _no_inputs(cap):
+    return [{"attention_mask": b["attention_mask"], "text_ids": b["input_ids"], "labels": b["labels"]} for b in cap]
+
+
+def _no_labels(cap):
+    return [{k: v for k, v in b.items() if k != "labels"} for b in cap]
+
+
+@pytest.mark.parametrize("wrap", ["list", "loader", "ema"])
+def test_attach_refuses_capability_batches_without_the_models_inputs(tmp_path, wrap):
+    from atax_kernels.integrations.hf import EMA, attach
+
+    H = _hf()
+    tok = H.make_tokenizer()
+    bad = _no_inputs(H.capability_batches(tok, 2))
+    ref = {"list": bad, "loader": torch.utils.data.DataLoader(bad, batch_size=None),
+           "ema": EMA(bad, beta=0.5)}[wrap]
+    trainer = _trainer(H, tok, tmp_path)
+    step = trainer.training_step
+    with pytest.raises(ValueError, match=r"capability loader.*first batch has keys \['attention_mask', 'labels', "
+                                         r"'text_ids'\].*LlamaForCausalLM.forward needs one of \['input_ids', "
+                                         r"'inputs_embeds'\]"):
+        attach(trainer, reference=ref)
+    assert trainer.training_step == step and getattr(trainer, "_atax_handle", None) is None
+
+
+def test_attach_refuses_gradient_batches_without_labels(tmp_path):
+    from atax_kernels.integrations.hf import CapabilitySource, attach
+
+    H = _hf()
+    tok = H.make_tokenizer()
+    bad = _no_labels(H.capability_batches(tok, 2))
+    trainer = _trainer(H, tok, tmp_path)
+    with pytest.raises(ValueError, match=r"without labels: its first batch has keys \['attention_mask', "
+                                         r"'input_ids'\].*\['labels'\].*CapabilitySource"):
+        attach(trainer, reference=bad)
+    with pytest.raises(TypeError, match="yields Tensor batches.*dicts"):
+        attach(trainer, reference=[torch.zeros(2, 3, dtype=torch.long)])
+    # a loss_fn of one's own: the batches are the caller's business
+    h = attach(trainer, reference=CapabilitySource(bad, loss_fn=lambda m, b: m(**b, labels=b["input_ids"]).loss))
+    h.detach()
+
+
+def test_peeking_a_shuffled_loader_changes_no_rng_and_a_generator_is_checked_at_first_use(tmp_path):
+    from atax_kernels._batches import NOT_PEEKABLE, peek_first
+    from atax_kernels.integrations.hf import attach
+
+    H = _hf()
+    tok = H.make_tokenizer()
+    cap = H.capability_batches(tok, 3)
+    g = torch.Generator().manual_seed(1)
+    loader = torch.utils.data.DataLoader(cap, batch_size=None, shuffle=True, generator=g)
+    rng, gen = torch.get_rng_state(), g.get_state()
+    assert isinstance(peek_first(loader), dict)
+    assert torch.equal(torch.get_rng_state(), rng) and torch.equal(g.get_state(), gen)
+    one_shot = iter(_no_labels(cap))
+    assert peek_first(one_shot) is NOT_PEEKABLE and len(list(one_shot)) == 3   # nothing consumed
+
+    trainer = _trainer(H, tok, tmp_path)
+    attach(trainer, reference=(b for b in _no_labels(cap)))   # cannot be peeked: accepted here...
+    with pytest.raises(ValueError, match=r"without labels.*checked when the first batch was drawn: the loader is "
+                                         r"not a list or a DataLoader, e.g. a one-shot iterator"):
+        trainer.train()                                         # ...refused at its first batch, before its loss
+
+
+def test_from_loader_refuses_batches_without_the_models_inputs():
+    model = tiny_llama()
+    bad = [{"attention_mask": torch.ones(1, 5, dtype=torch.long), "ids": CAP}]
+    with pytest.raises(ValueError, match=r"from_loader: the capability loader.*first batch has keys "
+                                         r"\['attention_mask', 'ids'\].*forward needs one of \['input_ids', "
+                                         r"'inputs_embeds'\]"):
+        ActivationSubspace.from_loader(model, bad)
+    with pytest.raises(ValueError, match="from_loader.*first batch"):
+        ActivationSubspace.from_loader(model, torch.utils.data.DataLoader(bad, batch_size=None))
+    with pytest.raises(TypeError, match="one-shot"):   # still refused as before, nothing consumed to find out
+        ActivationSubspace.from_loader(model, iter(bad))
+    # labels are not needed here (no loss), and a forward= of one's own feeds any batch
+    sub = ActivationSubspace.from_loader(model, [{"input_ids": CAP}], energy=0.9)
+    assert sub.updates == 1
+    sub = ActivationSubspace.from_loader(model, bad, forward=lambda m, b: m(input_ids=b["ids"]), energy=0.9)
+    assert sub.updates == 1
+
+
+# --- item 6: gradient-projection settings refused with an ActivationSubspace; the repr says what runs -------
+
+@pytest.mark.parametrize("kw", [dict(mode="conflict"), dict(strength=0.5), dict(granularity="tensor"),
+                                dict(log_tax_rate=True)])
+def test_attach_activation_refuses_gradient_settings(tmp_path, kw):
+    from atax_kernels.integrations.hf import attach
+
+    H = _hf()
+    tok = H.make_tokenizer()
+    model = H.make_model(tok)
+    sub = ActivationSubspace.from_loader(model, H.capability_batches(tok, 1), energy=0.99)
+    trainer = _trainer(H, tok, tmp_path, model)
+    key = next(iter(kw))
+    with pytest.raises(ValueError, match=rf"{key}=.*do not apply to activation projection.*energy="):
+        attach(trainer, reference=sub, **kw)
+    assert getattr(trainer, "_atax_handle", None) is None
+    h = attach(trainer, reference=sub, refresh_every=10)
+    r = repr(h)
+    assert r.startswith(f"AtaxHandle(activation: energy=0.99, contrast=0, refresh_every=10, "
+                        f"modules={len(sub._entries)}"), r
+    assert "mode" not in r and "strength" not in r
+    h.detach()

@@ -179,6 +179,10 @@ class CapabilitySource:
             try:
                 batch = next(self._it)
                 self._position += 1
+                check, self._first_check = getattr(self, "_first_check", None), None
+                if check is not None:   # not a list/DataLoader, so not pulled ahead at attach(): its first batch
+                    from .._batches import check_batch
+                    check_batch(check[0], batch, where=check[1], needs_loss=True, one_shot=True)
                 return batch
             except StopIteration:
                 self._it = None
@@ -866,6 +870,11 @@ class AtaxHandle:
         self.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
 
     def __repr__(self) -> str:
+        sub = self.reference
+        if isinstance(sub, ActivationSubspace):   # what runs: no gradient projection, so no mode/strength
+            return (f"AtaxHandle(activation: energy={sub.energy:g}, contrast={sub.contrast:g}, "
+                    f"refresh_every={self.refresh_every}, modules={len(sub._entries)}, steps={self.steps}, "
+                    f"attached={self._attached})")
         return (f"AtaxHandle(mode={self.mode!r}, strength={self.strength}, granularity={self.granularity!r}, "
                 f"reference={self.reference!r}, steps={self.steps}, attached={self._attached})")
 
@@ -875,6 +884,36 @@ _MISSING = object()
 
 def _local_tensor(t: torch.Tensor) -> torch.Tensor:
     return t.to_local() if hasattr(t, "to_local") else t
+
+
+def _refuse_gradient_settings(ref: Any, *, mode: str, strength: float, granularity: str, log_tax_rate: bool) -> None:
+    """With an ActivationSubspace no gradient is projected: the gradient-projection settings would be ignored."""
+    if not isinstance(ref, ActivationSubspace):
+        return
+    given = [f"{k}={v!r}" for k, v, default in (("mode", mode, "orthogonal"), ("strength", strength, 1.0),
+                                                ("granularity", granularity, "global"),
+                                                ("log_tax_rate", log_tax_rate, False)) if v != default]
+    if given:
+        raise ValueError(
+            f"attach(reference=ActivationSubspace): {', '.join(given)} do not apply to activation projection (no "
+            f"gradient is projected: each protected weight's realised update loses its part on the capability "
+            f"input basis, entirely, so dW x = 0 on that span); leave them at their defaults. The dial is the "
+            f"subspace's energy= (and max_rank=, contrast=); mode/strength/granularity are for gradient "
+            f"references (capability batches, EMA, Subspace)")
+
+
+def _check_capability_batches(trainer: Any, ref: Any) -> None:
+    """Gradient references from batches with the default loss: the first batch must hold the model's inputs
+    and labels (model(**batch).loss). Peeked without consuming (a list, a DataLoader); any other iterable (a
+    generator, ...) is checked when its first batch is drawn."""
+    from .._batches import check_first
+
+    source = ref.source if isinstance(ref, EMA) else ref if isinstance(ref, CapabilitySource) else None
+    if source is None or source.batches is None or source.loss_fn is not None:
+        return
+    where = f"the capability loader of attach(reference={'EMA(...)' if isinstance(ref, EMA) else '...'})"
+    if not check_first(trainer.model, source.batches, where=where, needs_loss=True):
+        source._first_check = (trainer.model, where)
 
 
 def _check_activation_reference(trainer: Any, sub: ActivationSubspace) -> None:
@@ -923,7 +962,9 @@ def attach(
               no-grad forward pass over it) and the bases updated. With ``contrast`` > 0 the training batch's
               own forward is observed as the safety side. Logs ``atax/feature_rank_mean`` and
               ``atax/update_removed_fraction``; the bases are saved in checkpoints.
-        mode, strength, granularity, backend: as in :func:`atax_kernels.project_`.
+        mode, strength, granularity, backend: as in :func:`atax_kernels.project_`. With an
+            ``ActivationSubspace`` only ``backend`` applies: other values of mode/strength/granularity (and
+            ``log_tax_rate=True``) are refused (``energy`` is its dial).
         refresh_every: recompute the capability gradient every this many optimizer steps (reusing the
             previous live reference, or the EMA, in between). Each refresh costs one forward + backward.
         reference_dtype: EMA buffer dtype (``torch.bfloat16`` halves its memory); default the gradient's.
@@ -939,7 +980,10 @@ def attach(
         NotImplementedError: DeepSpeed, optimizer-in-backward (LOMO/AdaLomo, layer-wise GaLore, post-accumulate
             grad hooks), reentrant gradient checkpointing; the message says what to use instead.
         TypeError, ValueError: bad arguments (among them a model, a tensor or a zero-argument callable as
-            ``reference``), or a trainer that already has atax attached.
+            ``reference``), or a trainer that already has atax attached; capability batches (for gradient
+            references with the default loss) whose first batch lacks the model's inputs or labels, or is not a
+            dict (a list or a DataLoader is looked at here, nothing consumed; another iterable when its first
+            batch is drawn).
     """
     _check_supported(trainer)
     for name in ("training_step", "log", "add_callback", "remove_callback", "accelerator", "args"):
@@ -975,6 +1019,8 @@ def attach(
         ref = _as_source(reference)
         if reference_dtype is not None:
             warnings.warn("reference_dtype only applies to EMA references", stacklevel=2)
+    _refuse_gradient_settings(ref, mode=mode, strength=strength, granularity=granularity, log_tax_rate=log_tax_rate)
+    _check_capability_batches(trainer, ref)
     handle = AtaxHandle(trainer, ref, mode, strength, granularity, refresh_every, reference_dtype, backend)
     handle.log_tax_rate = bool(log_tax_rate)
     handle._install()
