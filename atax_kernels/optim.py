@@ -212,6 +212,15 @@ class ProjectedOptimizer(torch.optim.Optimizer):
                 "with the rest (PTX's update lies in the protected span by construction); use "
                 "activation_target='grad' (the default with ptx_weight > 0): the safety gradient is projected, "
                 "the PTX gradient added after")
+        if activation_subspace is not None and ptx_weight > 0 and activation_target == "grad":
+            given = [f"{k}={v!r}" for k, v, default in (("mode", mode, "orthogonal"), ("strength", strength, 1.0),
+                                                        ("granularity", granularity, "global")) if v != default]
+            if given:
+                raise ValueError(
+                    f"ProjectedOptimizer(activation_subspace=..., ptx_weight > 0): {', '.join(given)} do not apply "
+                    f"to activation projection: the safety gradient is projected off each protected weight's "
+                    f"capability input basis (entirely), and the captured references are added as PTX, not "
+                    f"projected against; leave them at their defaults (the dial is the subspace's energy=)")
         self.activation_subspace = activation_subspace
         self.activation_target = activation_target
         self._pending: list[tuple[list[torch.Tensor | None], float]] = []  # (tensors per param, inverse scale)
@@ -257,8 +266,18 @@ class ProjectedOptimizer(torch.optim.Optimizer):
         self.optimizer.add_param_group(param_group)
 
     def __repr__(self) -> str:
-        return (f"ProjectedOptimizer(mode={self.mode!r}, strength={self.strength}, target={self.target!r}, "
-                f"reference={self.reference!r}, optimizer={self.optimizer!r})")
+        sub = getattr(self, "activation_subspace", None)
+        if sub is None:
+            return (f"ProjectedOptimizer(mode={self.mode!r}, strength={self.strength}, target={self.target!r}, "
+                    f"reference={self.reference!r}, optimizer={self.optimizer!r})")
+        act = (f"activation: energy={sub.energy:g}, contrast={sub.contrast:g}, modules={len(sub._entries)}, "
+               f"activation_target={self.activation_target!r}, refresh_every={self.refresh_every}")
+        if self.ptx_weight > 0 and self.activation_target == "grad":
+            refs = f"captured references added as PTX: ptx_weight={self.ptx_weight:g}"
+        else:  # capture_reference() / subspace= directions, projected as without an activation subspace
+            refs = (f"gradient references: mode={self.mode!r}, strength={self.strength}, target={self.target!r}, "
+                    f"reference={self.reference!r}")
+        return f"ProjectedOptimizer({act}; {refs}; optimizer={self.optimizer!r})"
 
     def _params(self) -> list[torch.Tensor]:
         return [p for group in self.optimizer.param_groups for p in group["params"]]

@@ -210,3 +210,27 @@ def test_attach_activation_refuses_gradient_settings(tmp_path, kw):
                         f"modules={len(sub._entries)}"), r
     assert "mode" not in r and "strength" not in r
     h.detach()
+
+
+def test_projected_optimizer_activation_with_ptx_refuses_ignored_settings_and_repr_says_what_runs():
+    from atax_kernels import ProjectedOptimizer
+
+    model = tiny_llama()
+    sub = ActivationSubspace.from_loader(model, [{"input_ids": CAP}], energy=0.99)
+    inner = torch.optim.SGD(model.parameters(), lr=0.1)
+    for kw in (dict(mode="conflict"), dict(strength=0.5), dict(granularity="tensor")):
+        key = next(iter(kw))
+        # with PTX the captured references are added, never projected against: these would be ignored
+        with pytest.raises(ValueError, match=rf"{key}=.*do not apply to activation projection"):
+            ProjectedOptimizer(inner, activation_subspace=sub, ptx_weight=0.5, **kw)
+    opt = ProjectedOptimizer(inner, activation_subspace=sub, ptx_weight=0.5)
+    r = repr(opt)
+    assert r.startswith(f"ProjectedOptimizer(activation: energy=0.99, contrast=0, modules={len(sub._entries)}, "
+                        f"activation_target='grad', refresh_every=1; captured references added as PTX: "
+                        f"ptx_weight=0.5;"), r
+    assert "strength" not in r
+    # without PTX, mode/strength still apply to the gradient references (capture_reference(), subspace=)
+    opt = ProjectedOptimizer(inner, activation_subspace=sub, strength=0.5)
+    assert "activation: energy=0.99" in repr(opt) and "gradient references: mode='orthogonal', strength=0.5" \
+        in repr(opt)
+    assert repr(ProjectedOptimizer(inner)).startswith("ProjectedOptimizer(mode='orthogonal', strength=1.0")
