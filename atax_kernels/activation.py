@@ -81,6 +81,9 @@ LORA_RULES = ("input", "both")
 SATURATED_FRACTION = 0.999
 #: Above this input dimension the basis comes from warm-started subspace iteration, not a full eigh.
 EIGH_MAX_DIM = 2048
+#: Eigenvalues below this fraction of the largest are round-off of a moment summed from products of this dtype
+#: (float32: a few eps of |X|^2), never counted as directions.
+ROUND_OFF = {torch.float64: 1e-12, torch.float32: 1e-6}
 #: Full eigh in float64 up to this input dimension, float32 above it (up to ``EIGH_MAX_DIM``).
 EIGH_FLOAT64_MAX_DIM = 1024
 
@@ -152,6 +155,8 @@ class _Group:
         self.basis: torch.Tensor | None = None
         self.moment: torch.Tensor | None = None  # the matrix the last basis came from (for LoRA B), transient
         self.n_accum = 0
+        # relative eigenvalue floor below which directions are round-off: float32 products leave ~1e-7 noise
+        self.floor = ROUND_OFF[torch.float64]
         self.pending: dict[str, int] = {}
 
 
@@ -542,7 +547,9 @@ class ActivationSubspace:
         rows = self._select(x, e.d_in, e.name)
         # float32 products (float64 only for float64 inputs), summed into the float64 accumulator per forward:
         # measured on SmolLM2-135M (121 inputs, 8 x 55 tokens), observe overhead 1.9 -> 1.1 s per batch
-        wd = torch.float64 if x.dtype == torch.float64 else torch.float32
+        # energy 1 asks for every observed direction: there float32 round-off would decide the rank, so float64
+        wd = torch.float64 if x.dtype == torch.float64 or self.energy == 1.0 else torch.float32
+        g.floor = max(g.floor, ROUND_OFF[wd])
         r = rows.to(wd)
         if self.weighting == "token":  # direction only: an outlier position counts once, like any other
             r = r / r.norm(dim=1, keepdim=True).clamp_min(torch.finfo(wd).tiny)
@@ -659,7 +666,7 @@ class ActivationSubspace:
                 psd = False
             else:
                 psd = True
-            g.basis = self._basis(m, g.basis, psd).to(self.basis_dtype)
+            g.basis = self._basis(m, g.basis, psd, g.floor).to(self.basis_dtype)
             g.moment = m
         for e in self._entries:
             if e.kind == "lora" and self.lora == "both" and e.group.moment is not None:
@@ -689,7 +696,8 @@ class ActivationSubspace:
                 out[s] = new
         return out if any_new else None
 
-    def _basis(self, m: torch.Tensor, prev: torch.Tensor | None, psd: bool) -> torch.Tensor:
+    def _basis(self, m: torch.Tensor, prev: torch.Tensor | None, psd: bool,
+               floor: float = 1e-12) -> torch.Tensor:
         m = (m + m.t()) * 0.5
         d = m.shape[0]
         if self.energy == 0 or d == 0:
@@ -701,10 +709,11 @@ class ActivationSubspace:
             # rank ~130 0.69 s; the kept vectors are stored in float32 (or narrower) anyway.
             w, v = torch.linalg.eigh(m.to(torch.float32))
             w, v = w.to(torch.float64), v.to(torch.float64)
+            floor = max(floor, ROUND_OFF[torch.float32])
         else:
             w, v = torch.linalg.eigh(m)
         w, v = w.flip(0), v.flip(1)
-        k = _select_rank(w, self.energy, self.max_rank)
+        k = _select_rank(w, self.energy, self.max_rank, floor)
         return v[:, :k].contiguous()
 
     def _lora_b_bases(self, e: _Entry) -> None:
@@ -712,7 +721,7 @@ class ActivationSubspace:
         for a, lin in e.module.lora_A.items():
             A = lin.weight.detach().to(torch.float64)
             mb = A @ m @ A.t()
-            e.lora_b_bases[a] = self._basis(mb, None, False).to(self.basis_dtype)
+            e.lora_b_bases[a] = self._basis(mb, None, False, e.group.floor).to(self.basis_dtype)
 
     @torch.no_grad()
     def _confine_lora_a(self, e: _Entry) -> None:
@@ -1255,15 +1264,16 @@ def _check_max_rank(max_rank: Any) -> int | None:
     return max_rank
 
 
-def _select_rank(w: torch.Tensor, energy: float, max_rank: int | None) -> int:
+def _select_rank(w: torch.Tensor, energy: float, max_rank: int | None, floor: float = 1e-12) -> int:
     """Fewest leading (descending) eigenvalues holding ``energy`` of the positive part. Eigenvalues below
-    1e-12 of the largest are round-off of a rank-deficient moment and never count."""
+    ``floor`` (1e-12 for float64 products, 1e-6 for float32) of the largest are round-off of a
+    rank-deficient moment and never count."""
     if w.numel() == 0 or energy == 0:
         return 0
     top = float(w[0])
     if not top > 0:
         return 0
-    pos = torch.where(w > top * 1e-12, w, torch.zeros_like(w))
+    pos = torch.where(w > top * floor, w, torch.zeros_like(w))
     n_pos = int((pos > 0).sum())
     c = torch.cumsum(pos, 0)
     k = int((c < energy * float(c[-1]) * (1 - 1e-12)).sum()) + 1
