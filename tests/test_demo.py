@@ -101,3 +101,31 @@ def test_bad_arguments_are_clear_errors():
         demo.run(quick=True, progress=False, log=lambda *_: None, task_names=["nope"])
     with pytest.raises(SystemExit):
         demo.main(["--quick", "--full"])
+
+
+def test_help_time_estimates_match_the_recorded_runs_and_the_readme():
+    """`--help` states the wall times that docs/demo.md and docs/demo-full.md recorded, as the README does."""
+    import re
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    text = demo.build_parser().format_help()
+    flat = " ".join(text.split())
+    readme = " ".join((root / "README.md").read_text().split())
+    for doc in ("demo.md", "demo-full.md"):
+        seconds = re.search(r"in (\d+) s; steps", (root / "docs" / doc).read_text()).group(1)
+        assert f"{seconds} s measured" in flat, (doc, seconds, flat)
+        assert f"{seconds} s on the 2-core EPYC" in readme, (doc, seconds)
+    assert "~3 min" in flat and "~3 min on 2 cores" in readme
+
+
+def test_list_flags_are_comma_separated_and_the_old_task_flag_still_works(monkeypatch):
+    seen = {}
+    monkeypatch.setattr(demo, "run", lambda **kw: seen.update(kw) or [])
+    monkeypatch.setattr(demo, "run_info", lambda argv, wall: {"wall_s": wall})
+    demo.main(["--seeds", "0,1,2", "--tasks", "overflow", "--no-progress"])
+    assert seen["seeds"] == [0, 1, 2] and seen["task_names"] == ["overflow"]
+    demo.main(["--task", "modular", "--no-progress"])
+    assert seen["task_names"] == ["modular"]
+    with pytest.raises(SystemExit):
+        demo.main(["--tasks", "nope"])

@@ -729,11 +729,38 @@ def _csv(s: str) -> list[str]:
     return [x.strip() for x in s.split(",") if x.strip()]
 
 
-def build_parser() -> argparse.ArgumentParser:
+#: ``python -m atax_kernels.bench <subcommand>``: name -> (module in this package, one-line description).
+SUBCOMMANDS = {
+    "project": ("core", "project_ (gradient space) vs the seed reference (torch.cat), stock torch._foreach and the "
+                        "stream floor, on GPT-2-small-shaped gradient lists (the default when no subcommand is given)"),
+    "remove-span": ("remove_span", "ops.remove_span_ (activation space) vs two torch.matmul per module vs the "
+                                   "roofline, on GPT-2-small and Llama-7B module shapes"),
+    "optimizer": ("optimizer", "ProjectedOptimizer's own cost per step vs project_ alone and a plain AdamW step, "
+                               "and its peak extra memory"),
+}
+
+
+def top_parser() -> argparse.ArgumentParser:
+    """The ``python -m atax_kernels.bench --help`` page: the subcommands (each has its own ``--help``)."""
     p = argparse.ArgumentParser(
         prog="python -m atax_kernels.bench",
+        description="The atax_kernels benchmarks. Every list-valued flag takes a comma-separated list "
+        "(--dtype fp32,bf16). Without a subcommand, the flags go to `project` (so `python -m atax_kernels.bench "
+        "--quick` is `python -m atax_kernels.bench project --quick`).",
+        epilog="`python -m atax_kernels.bench <subcommand> --help` lists a subcommand's flags. Results and how to "
+        "read them: bench/README.md.",
+    )
+    sub = p.add_subparsers(dest="command", title="subcommands", metavar="{" + ",".join(SUBCOMMANDS) + "}")
+    for name, (_, text) in SUBCOMMANDS.items():
+        sub.add_parser(name, help=text, add_help=False)
+    return p
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m atax_kernels.bench project",
         description="Benchmark atax_kernels.project_ against the seed reference, stock foreach and the stream floor "
-        "on GPT-2-small-shaped gradient lists.",
+        "on GPT-2-small-shaped gradient lists. List-valued flags take comma-separated lists.",
     )
     p.add_argument("--scale", type=float, default=None, help="fraction of GPT-2 small (default 1.0; --quick 0.01)")
     p.add_argument("--dtype", default="fp32,bf16", help="comma list of fp32,bf16,fp16 (default fp32,bf16)")
@@ -745,7 +772,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's default)")
     p.add_argument("--json", metavar="PATH", help="write the raw records (and environment) as JSON")
     p.add_argument("--markdown", metavar="PATH", help="write a markdown report (environment header + tables)")
-    p.add_argument("--quick", action="store_true", help="small run for `make demo` (< 60 s on 2 cores)")
+    p.add_argument("--quick", action="store_true", help="small run: scale 0.01, repeat 3, warmup 1 (< 60 s on 2 cores)")
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")
     p.add_argument("--memory-jobs", type=int, default=None, help="memory subprocesses in parallel (default 2 on CPU)")
     p.add_argument(
@@ -762,11 +789,25 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m atax_kernels.bench [project|remove-span|optimizer] [flags]`` (no subcommand: ``project``)."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv[:1] == ["remove-span"]:  # the activation-space op has its own CLI (bench/remove_span.py)
-        from .remove_span import main as remove_span_main
+    if argv[:1] in (["-h"], ["--help"]):
+        top_parser().print_help()
+        return 0
+    if argv[:1] in (["remove-span"], ["optimizer"]):  # each has its own module and parser
+        import importlib
 
-        return remove_span_main(argv[1:])
+        module = importlib.import_module(f".{SUBCOMMANDS[argv[0]][0]}", __package__)
+        return module.main(argv[1:])
+    if argv[:1] == ["project"]:
+        argv = argv[1:]
+    elif argv and not argv[0].startswith("-"):
+        top_parser().error(f"unknown subcommand {argv[0]!r}; choose from {', '.join(SUBCOMMANDS)}")
+    return project_main(argv)
+
+
+def project_main(argv: Sequence[str]) -> int:
+    """The ``project`` benchmark (``python -m atax_kernels.bench project``)."""
     args = build_parser().parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)

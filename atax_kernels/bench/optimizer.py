@@ -1,6 +1,7 @@
 """Wrapped vs plain optimizer step on the GPT-2-small-shaped parameter list.
 
-``python -m atax_kernels.bench.optimizer [--scale F] [--repeat R] [--markdown PATH]``
+``python -m atax_kernels.bench optimizer [--scale F] [--repeat R] [--markdown PATH]`` (or
+``python -m atax_kernels.bench.optimizer``)
 
 Times, interleaved in one process: a plain AdamW step, ``project_`` alone (one live reference), a
 ``ProjectedOptimizer`` AdamW step (capture + project + step), and the same wrapper around a no-op optimizer (its
@@ -76,11 +77,14 @@ def memory_child(kind: str, scale: float, backend: str | None) -> dict:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m atax_kernels.bench.optimizer", description=__doc__.split("\n")[0])
-    ap.add_argument("--scale", type=float, default=1.0)
-    ap.add_argument("--repeat", type=int, default=5)
-    ap.add_argument("--backend", default=None)
-    ap.add_argument("--markdown", default=None)
+    ap = argparse.ArgumentParser(prog="python -m atax_kernels.bench optimizer", description=__doc__.split("\n")[0]
+                                 + " (also `python -m atax_kernels.bench.optimizer`).")
+    ap.add_argument("--scale", type=float, default=1.0,
+                    help="fraction of the GPT-2-small parameter count (default 1.0, 124 M parameters)")
+    ap.add_argument("--repeat", type=int, default=5, help="interleaved timed rounds (default 5); medians and minima")
+    ap.add_argument("--backend", default=None,
+                    help="atax backend for project_ (torch, cpu, cuda, triton; default: the registry's pick)")
+    ap.add_argument("--markdown", default=None, metavar="PATH", help="write the markdown report")
     ap.add_argument("--_memory-child", dest="memory_child", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.memory_child:

@@ -255,7 +255,8 @@ def markdown_report(env: dict, probe: dict, records: list[dict], wall_s: float) 
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m atax_kernels.bench.remove_span", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="python -m atax_kernels.bench remove-span", description=__doc__.split("\n")[0]
+                                + " List-valued flags take comma-separated lists.")
     p.add_argument("--device", default="cpu", help="cpu or cuda[:i] (default cpu)")
     p.add_argument("--models", default="gpt2,llama", help="comma list of gpt2,llama (default both)")
     p.add_argument("--gpt2-layers", type=int, default=12, help="GPT-2 small layers (default 12)")
@@ -266,7 +267,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default="fp32,bf16", help="comma list of fp32,bf16,fp16 (default fp32,bf16)")
     p.add_argument("--backends", default=None, help="comma list of atax backends (default: the device's kernels)")
     p.add_argument("--repeat", type=int, default=3, help="timed rounds (default 3); the tables report the min")
-    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
+    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's default)")
     p.add_argument("--triad-elems", type=int, default=None, help="triad length (default 2^25 CPU, 2^28 CUDA)")
     p.add_argument("--mm-n", type=int, default=None, help="matmul probe size (default 2048 CPU, 8192 CUDA)")
     p.add_argument("--json", metavar="PATH", help="write records + environment as JSON")
