@@ -129,3 +129,54 @@ def test_list_flags_are_comma_separated_and_the_old_task_flag_still_works(monkey
     assert seen["task_names"] == ["modular"]
     with pytest.raises(SystemExit):
         demo.main(["--tasks", "nope"])
+
+
+def _fake_rows(seeds=(0,)):
+    rows = []
+    for task in ("modular", "overflow"):
+        for m in demo.methods(full=True):
+            names = [f"interp {a}" for a in demo.INTERP_ALPHAS] if m.name == "interp" else [m.name]
+            for i, name in enumerate(names):
+                for lr in demo.DEFAULT_LRS:
+                    for s in seeds:
+                        cap = 0.95 if name.startswith("act e0.99") else 0.5 + 0.01 * i
+                        rows.append(dict(task=task, method=name, family=m.family if m.name != "interp" else "interp",
+                                         dial=demo.INTERP_ALPHAS[i] if m.name == "interp" else m.dial, lr=lr, seed=s,
+                                         extra_forward=0.0, extra_backward=0.0, capability=cap, capability_train=1.0,
+                                         safety=0.09 if name == "act e0.99 c0" else 0.97, safety_train=1.0,
+                                         over_refusal=0.0, tax=0.0, ece=0.0, entropy=0.0, seconds=1.0))
+    return rows
+
+
+def test_figure_colours_labels_title_and_unsafe_points():
+    import matplotlib.colors as mc
+
+    # one colour family per kind of method, the same colour for a method in every figure
+    assert demo.method_style("ptx 1.0") == demo.method_style("ptx 1.0")
+    assert demo.method_style("act e0.99 c1")["color"] == demo.method_style("act e0.99 c0")["color"]
+    assert demo.method_style("act e0.99 c1")["linestyle"] == "--"
+    hue = lambda m: mc.rgb_to_hsv(mc.to_rgb(demo.method_style(m)["color"]))[0]  # noqa: E731
+    assert abs(hue("grad: loss ref") - hue("grad: conflict")) < 0.1
+    assert abs(hue("ptx 0.1") - hue("act e0.9 c0")) > 0.2
+    for name in demo.RECOMMENDED:
+        assert demo.method_style(name)["linewidth"] > 2 * demo.method_style("plain")["linewidth"]
+    assert demo.seeds_note(1) == "1 seed" and demo.seeds_note(3) == "3 seeds; error bars: std"
+
+    for seeds in ((0,), (0, 1, 2)):
+        fig = demo.figure(_fake_rows(seeds))
+        try:
+            assert fig._suptitle.get_text().endswith(f"({demo.seeds_note(len(seeds))})")
+            renderer = fig.canvas.get_renderer()
+            for ax in fig.axes:   # no two labels overlap
+                boxes = [t.get_window_extent(renderer) for t in ax.texts if t.get_visible() and t.get_text()]
+                for i, a in enumerate(boxes):
+                    assert not any(a.overlaps(b) for b in boxes[i + 1:]), ax.get_title()
+            # the unsafe high-capability point (safety 0.09) has its safety printed beside it
+            assert any("safety 0.09" in t.get_text() for t in fig.axes[0].texts)
+            colours = {lab: h.lines[0].get_color() if hasattr(h, "lines") else h.get_color()
+                       for h, lab in zip(*fig.axes[0].get_legend_handles_labels())}
+            assert colours["ptx 1.0"] == demo.method_style("ptx 1.0")["color"]
+        finally:
+            import matplotlib.pyplot as plt
+
+            plt.close(fig)
