@@ -195,7 +195,11 @@ def _load_parts(cfg: StudyConfig) -> Parts:
                 default = D.default_data()
             out[part] = list(getattr(default, part))
             src = getattr(default, "source", None)
-            source[part] = (src.get(part, "default") if isinstance(src, dict) else str(src or "default"))
+            if isinstance(src, dict):
+                source[part] = src.get(part, "default")
+            else:
+                source[part] = "embedded default"
+                source["default"] = str(src or "")
             continue
         kw: dict[str, Any] = dict(prompt_col=cfg.prompt_col, group_col=cfg.group_col, kind=part)
         if part == "capability":
