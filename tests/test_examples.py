@@ -49,3 +49,36 @@ def test_dpo_example_runs():
     out = run_example("dpo_tiny.py")
     assert "atax/cosine" in out
     assert len(re.findall(r"^\s+\d+\s+-?[0-9.]+\s+[0-9.]+\s+-?[0-9.]+", out, re.M)) == 6, out[-4000:]
+
+
+# ----------------------------------------------------------------------------- the README as a newcomer reads it
+ROOT = EXAMPLES.parent
+
+
+def test_readme_install_section_before_the_api():
+    text = (ROOT / "README.md").read_text()
+    assert "\n## Install\n" in text and text.index("\n## Install\n") < text.index("\n## API\n")
+    install = text[text.index("\n## Install\n"):text.index("\n## API\n")]
+    for needle in ("pip install -e .", "'.[study]'", "make test", "'.[test]'"):
+        assert needle in install, needle
+
+
+def test_readme_defines_capability_kept_and_points_only_at_files_that_exist():
+    text = (ROOT / "README.md").read_text()
+    lower = text.lower()
+    assert lower.index("**capability kept**") <= lower.index("capability kept"), "defined where first used"
+    assert "issue's target" not in text and "the issue that" not in lower
+    paths = set(re.findall(r"\]\(([^)#\s]+)", text))
+    paths |= set(re.findall(r"`((?:docs|examples|bench|tests|scripts|atax_kernels|csrc)/[\w./-]+\.\w+)`", text))
+    missing = sorted(p for p in paths if not p.startswith("http") and not (ROOT / p).exists())
+    assert not missing, missing
+
+
+def test_design_notes_are_shipped_and_every_reference_names_their_path():
+    assert (ROOT / "docs" / "DESIGN.md").exists()
+    bad = []
+    for path in (ROOT / "atax_kernels").rglob("*.py"):
+        for i, line in enumerate(path.read_text().splitlines(), 1):
+            if "DESIGN.md" in line and "docs/DESIGN.md" not in line:
+                bad.append(f"{path.relative_to(ROOT)}:{i}")
+    assert not bad, f"say docs/DESIGN.md: {bad}"

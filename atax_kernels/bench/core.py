@@ -146,7 +146,7 @@ class Case:
     @property
     def min_traffic_bytes(self) -> int:
         # read g, write g, and (for the two passes) read g again; each reference read twice:
-        # N * (3 s_g + 2 k s_r), the roofline in DESIGN.md.
+        # N * (3 s_g + 2 k s_r), the roofline in docs/DESIGN.md.
         s = self.elem_size
         return self.numel * (3 * s + 2 * self.k * s)
 

@@ -1,7 +1,7 @@
 """``remove_span_``: project weight updates off their protected input subspaces, in place.
 
 For every target ΔW (d_out x d_in) with an orthonormal basis U (d_in x r): ΔW <- ΔW - (ΔW U) Uᵀ.
-Then ΔW x = 0 for every x in span(U) (the activation-space projection, DESIGN.md).
+Then ΔW x = 0 for every x in span(U) (the activation-space projection, docs/DESIGN.md).
 
 The public :func:`remove_span_` validates everything before it writes anything, then calls one backend:
 
