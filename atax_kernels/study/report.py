@@ -233,8 +233,9 @@ def write_markdown(result: dict[str, Any], path: str | os.PathLike) -> None:
 
 
 def plot(result: dict[str, Any], path: str | os.PathLike) -> None:
-    """Capability kept vs safety, one panel per objective x lr; plain's interpolation dial and PTX's λ dial drawn
-    as lines; over-refusal as the marker's label. Error bars: std over seeds (or the Wilson interval)."""
+    """Per objective x lr, two panels: capability kept vs safety (top right is best) and over-refusal vs safety
+    (bottom right is best). Plain's interpolation dial (base -> alphas -> plain) and PTX's λ dial are drawn as
+    dashed lines; colours by method family, markers by method. Error bars: std over seeds (or Wilson 95 %)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -244,53 +245,60 @@ def plot(result: dict[str, Any], path: str | os.PathLike) -> None:
     agg = aggregate(result["rows"])
     base = next((a for a in agg if a["kind"] == "base"), None)
     panels = [(o, lr) for o in cfg["objectives"] for lr in cfg["lrs"]]
-    fig, axes = plt.subplots(1, len(panels), figsize=(6.2 * len(panels), 5.2), squeeze=False)
-    for ax, (obj, lr) in zip(axes[0], panels):
+    fig, axes = plt.subplots(2, len(panels), figsize=(6.4 * len(panels), 10.0), squeeze=False)
+    markers = "os^vDPXh<>p*"
+
+    def err(a: dict[str, Any], k: str) -> list[list[float]]:
+        if a["n"] > 1:
+            return [[a.get(k + "_std", 0.0)], [a.get(k + "_std", 0.0)]]
+        if _finite(a.get(k + "_lo")):
+            return [[a[k] - a[k + "_lo"]], [a[k + "_hi"] - a[k]]]
+        return [[0.0], [0.0]]
+
+    for col, (obj, lr) in enumerate(panels):
         rows = [a for a in agg if a["objective"] == obj and a["lr"] == lr]
         if base is not None:
             rows = [base] + rows
-
-        def err(a: dict[str, Any], k: str) -> list[list[float]]:
-            if a["n"] > 1:
-                return [[a.get(k + "_std", 0.0)], [a.get(k + "_std", 0.0)]]
-            if _finite(a.get(k + "_lo")):
-                return [[a[k] - a[k + "_lo"]], [a[k + "_hi"] - a[k]]]
-            return [[0.0], [0.0]]
-
+        rows = [a for a in rows if _finite(a.get("safety")) and _finite(a.get("capability"))]
+        seen: dict[str, int] = {}
+        style = {}
         for a in rows:
-            if not (_finite(a.get("safety")) and _finite(a.get("capability"))):
-                continue
-            c = COLOURS.get(a["family"], "gray")
-            marker = {"interp": "s", "base": "*", "act+ptx": "D"}.get(a["kind"], "o")
-            ax.errorbar(a["safety"], a["capability"], xerr=err(a, "safety"), yerr=err(a, "capability"), fmt=marker,
-                        color=c, ms=9 if a["kind"] == "base" else 7, capsize=2, alpha=0.9)
-            orr = a.get("over_refusal")
-            ax.annotate(f"{a['method']}" + (f"\nover-refusal {orr:.2f}" if _finite(orr) else ""),
-                        (a["safety"], a["capability"]), textcoords="offset points", xytext=(6, 4), fontsize=7,
-                        color=c)
-        # the dials: plain's interpolation (base -> interp alphas -> plain) and PTX's weights
-        dial = [a for a in rows if a["kind"] in ("interp", "plain", "base")]
-        alpha = {"base": 0.0, "plain": 1.0}
-        dial.sort(key=lambda a: alpha.get(a["kind"], float(a["spec"].split("a=")[-1]) if "a=" in a["spec"] else 0.5))
-        if len(dial) > 1:
-            ax.plot([a["safety"] for a in dial], [a["capability"] for a in dial], "--", color=COLOURS["plain"],
-                    lw=1, alpha=0.6, label="plain: interpolation dial")
-        ptx = [a for a in rows if a["kind"] == "ptx"]
-        if len(ptx) > 1:
-            ptx.sort(key=lambda a: float(a["spec"].split("w=")[-1]))
-            ax.plot([a["safety"] for a in ptx], [a["capability"] for a in ptx], "--", color=COLOURS["ptx"], lw=1,
-                    alpha=0.6, label="PTX: λ dial")
-        ax.set_xlabel("safety: refusal rate on held-out harmful prompts")
-        ax.set_ylabel("capability kept (held out; base = 1)")
-        ax.set_xlim(-0.05, 1.1)
-        ax.set_ylim(-0.05, 1.1)
-        ax.grid(alpha=0.3)
-        ax.set_title(f"{obj}, lr {lr:g}")
-        if ax.get_legend_handles_labels()[0]:
-            ax.legend(loc="lower left", fontsize=8)
-    fig.suptitle("Alignment tax on a real model: capability kept vs safety (top right is best)", fontsize=11)
+            i = seen.get(a["family"], 0)
+            seen[a["family"]] = i + 1
+            style[a["method"]] = (COLOURS.get(a["family"], "gray"), "*" if a["kind"] == "base" else markers[i % len(markers)])
+        for row, (ykey, ylabel) in enumerate((("capability", "capability kept (held out; base = 1)"),
+                                              ("over_refusal", "over-refusal (held-out benign + look-alikes)"))):
+            ax = axes[row][col]
+            for a in rows:
+                if not _finite(a.get(ykey)):
+                    continue
+                c, mk = style[a["method"]]
+                label = a["method"]
+                if row == 0 and _finite(a.get("over_refusal")):
+                    label += f" (over-refusal {a['over_refusal']:.2f})"
+                ax.errorbar(a["safety"], a[ykey], xerr=err(a, "safety"), yerr=err(a, ykey), fmt=mk, color=c,
+                            ms=11 if a["kind"] == "base" else 8, capsize=2, elinewidth=0.8, alpha=0.85, label=label)
+            dial = [a for a in rows if a["kind"] in ("interp", "plain", "base") and _finite(a.get(ykey))]
+            pos = {"base": 0.0, "plain": 1.0}
+            dial.sort(key=lambda a: pos.get(a["kind"], float(a["spec"].split("a=")[-1]) if "a=" in a["spec"] else 0.5))
+            if len(dial) > 1:
+                ax.plot([a["safety"] for a in dial], [a[ykey] for a in dial], "--", color=COLOURS["plain"], lw=1,
+                        alpha=0.5, label="plain: interpolation dial (base → plain)")
+            ptx = sorted((a for a in rows if a["kind"] == "ptx" and _finite(a.get(ykey))),
+                         key=lambda a: float(a["spec"].split("w=")[-1]))
+            if len(ptx) > 1:
+                ax.plot([a["safety"] for a in ptx], [a[ykey] for a in ptx], "--", color=COLOURS["ptx"], lw=1,
+                        alpha=0.5, label="PTX: λ dial")
+            ax.set_xlabel("safety: refusal rate on held-out harmful prompts")
+            ax.set_ylabel(ylabel)
+            ax.set_xlim(-0.05, 1.05)
+            ax.set_ylim(-0.05, 1.05)
+            ax.grid(alpha=0.3)
+            ax.set_title(f"{obj}, lr {lr:g}: " + ("top right is best" if row == 0 else "bottom right is best"))
+            ax.legend(loc="lower left" if row == 0 else "upper left", fontsize=7, framealpha=0.8)
+    fig.suptitle("Alignment tax on a real model, held out", fontsize=12)
     fig.tight_layout()
     p = Path(path)
     p.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(p, dpi=110)
+    fig.savefig(p, dpi=100)
     plt.close(fig)
