@@ -4,7 +4,7 @@ For a weight W (d_out x d_in) whose inputs on capability data lie (mostly) in sp
 eigenvectors of the input second moment ``C = sum x x^T`` holding a fraction ``energy`` of its trace,
 projecting the optimizer's realised update ``dW <- dW - (dW U) U^T`` makes ``dW x = 0`` on that span. If every
 layer does it, the model's outputs on those inputs do not move (exactly, not to first order); training
-happens in what the capability inputs do not use. See DESIGN.md, "Activation-space projection".
+happens in what the capability inputs do not use. See docs/DESIGN.md, "Activation-space projection".
 
 Typical use::
 
