@@ -98,14 +98,10 @@ def _default_loss(model: torch.nn.Module, batch: Any) -> torch.Tensor:
 
 
 def _loader_generators(batches: Any) -> list[torch.Generator]:
-    """torch.Generators a DataLoader (or its sampler) draws its order from."""
-    gens: list[torch.Generator] = []
-    for obj in (batches, getattr(batches, "sampler", None),
-                getattr(getattr(batches, "batch_sampler", None), "sampler", None)):
-        g = getattr(obj, "generator", None)
-        if isinstance(g, torch.Generator) and all(g is not h for h in gens):
-            gens.append(g)
-    return gens
+    """torch.Generators a DataLoader (or its sampler) draws its order from (one implementation, in _batches)."""
+    from .._batches import _generators
+
+    return _generators(batches)
 
 
 def _rng_snapshot(batches: Any) -> dict[str, Any]:
