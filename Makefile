@@ -24,9 +24,10 @@ build: $(VENV)/.installed
 demo: build
 	$(PY) -m atax_kernels.study --quick --json docs/study.json --markdown docs/study.md --plot docs/study.png
 
-# The seeds study on the real model: 3 seeds, 2 learning rates, SFT and DPO, every method (hours on 2 CPU cores).
+# The seeds study on the real model: 3 seeds, 2 learning rates, SFT and DPO (hours on 2 CPU cores). Resumable:
+# an interrupted run continues where it stopped (finished runs are kept in docs/study-full.json.rows.jsonl).
 demo-full: build
-	$(PY) -m atax_kernels.study --full --json docs/study-full.json --markdown docs/study-full.md --plot docs/study-full.png
+	$(PY) -m atax_kernels.study --full --resume --json docs/study-full.json --markdown docs/study-full.md --plot docs/study-full.png
 
 # The toy tasks (tiny random Llama on modular arithmetic): the mechanism in ~3 min; --full: 3 seeds.
 demo-toy: build

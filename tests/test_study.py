@@ -164,6 +164,57 @@ def test_same_seed_same_row(tiny, tmp_path):
     assert _numbers(runs[0]["rows"]) == _numbers(runs[1]["rows"])
 
 
+class _Cut(RuntimeError):
+    pass
+
+
+def test_interrupted_study_resumes_from_its_rows(tiny, tmp_path, monkeypatch):
+    """Each finished run is logged; a partial report exists after the interruption; --resume retrains only
+    what is missing and the rows equal an uninterrupted run's."""
+    grid = ("--methods", "plain,interp:a=0.5,ptx:w=1", "--seeds", "0,1", "--steps", "2")
+    full_out = tmp_path / "full"
+    assert run_main(args(tiny, full_out, tmp_path / "cache", *grid)) == 0
+    full = json.loads((full_out / "s.json").read_text())
+    assert full["runs_done"] == full["runs_total"] == 4
+
+    out = tmp_path / "cut"
+    calls, cut_at = [], [3]
+    from atax_kernels.study import train as study_train
+
+    real_train = study_train.train
+
+    def train_then_stop(*a, **kw):
+        calls.append(1)
+        if len(calls) == cut_at[0]:
+            raise _Cut("the third training run is cut short")
+        return real_train(*a, **kw)
+
+    monkeypatch.setattr(study_train, "train", train_then_stop)
+    with pytest.raises(_Cut):
+        run_main(args(tiny, out, tmp_path / "cache", *grid))
+    logged = [json.loads(line)["row"] for line in (out / "s.json.rows.jsonl").read_text().splitlines()]
+    assert [(r["seed"], r["spec"]) for r in logged] == [(0, "plain"), (0, "interp:a=0.5"), (0, "ptx:w=1")]
+    partial = json.loads((out / "s.json").read_text())
+    assert partial["runs_done"] == 2 and partial["runs_total"] == 4
+    assert "Partial result: 2 of 4" in (out / "s.md").read_text()
+
+    calls.clear()
+    cut_at[0] = -1
+    assert run_main(args(tiny, out, tmp_path / "cache", *grid, "--resume")) == 0
+    assert len(calls) == 2  # seed 1's plain and ptx only
+    resumed = json.loads((out / "s.json").read_text())
+    assert resumed["runs_done"] == 4 and resumed["resumed_rows"] == 3
+    key = lambda r: (r["seed"], r["objective"], r["lr"], r["spec"])  # noqa: E731
+    strip = lambda rows: sorted(({k: v for k, v in r.items() if k != "resumed"} for r in _numbers(rows)), key=key)  # noqa: E731
+    assert strip(resumed["rows"]) == strip(full["rows"])
+    assert "Partial" not in (out / "s.md").read_text()
+
+    # a different configuration does not reuse the log
+    calls.clear()
+    assert run_main(args(tiny, out, tmp_path / "cache", *grid, "--resume", "--batch-size", "2")) == 0
+    assert len(calls) == 4
+
+
 def test_lora(tiny, tmp_path):
     out = tmp_path / "out"
     assert run_main(args(tiny, out, tmp_path / "cache", "--methods", "plain,act:e=0.9,act+ptx:e=0.9:w=1",

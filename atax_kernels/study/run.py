@@ -1,5 +1,5 @@
 """The real-model study, end to end: checks -> model -> data -> base generations (cached) -> splits -> for every
-seed x objective x learning rate x method: copy the base, safety-tune, score held out -> rows.
+learning rate x objective x seed x method: copy the base, safety-tune, score held out -> rows.
 
 Everything that can be refused is refused before the first training step and before anything is written
 (:class:`StudyError`): an output path that cannot be written, a missing model path, a GGUF file without the
@@ -19,7 +19,7 @@ import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 
@@ -90,6 +90,44 @@ class StudyConfig:
     progress: bool = True
     tier: str = "custom"
     command: str = ""
+    #: reuse the rows of an earlier, interrupted run of the same configuration (``<json>.rows.jsonl``)
+    resume: bool = False
+
+
+#: Config fields that do not change a row's numbers (outputs, the grid's extent, display): a resumed run may
+#: differ in these and still reuse the rows it shares with the earlier one.
+_NOT_IN_FINGERPRINT = ("json", "markdown", "plot", "progress", "tier", "command", "resume", "seeds", "lrs",
+                       "objectives", "methods", "samples")
+
+
+def rows_path(cfg: StudyConfig) -> Path | None:
+    """Where finished rows are appended as they complete (so an interrupted study loses at most one run)."""
+    return Path(str(cfg.json) + ".rows.jsonl") if cfg.json else None
+
+
+def _fingerprint(cfg: StudyConfig, dhash: str) -> str:
+    blob = {k: v for k, v in asdict(cfg).items() if k not in _NOT_IN_FINGERPRINT}
+    blob["data_hash"] = dhash
+    blob["model_identity"] = _model_identity(cfg)
+    return hashlib.sha256(json.dumps(blob, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _row_key(row: dict[str, Any]) -> tuple:
+    return (int(row["seed"]), str(row["objective"]), float(row["lr"]), str(row["spec"]))
+
+
+def _load_done_rows(path: Path | None, fingerprint: str) -> dict[tuple, dict[str, Any]]:
+    if path is None or not path.is_file():
+        return {}
+    done: dict[tuple, dict[str, Any]] = {}
+    for line in path.read_text().splitlines():
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:  # a line cut by the interruption
+            continue
+        if rec.get("fingerprint") == fingerprint and isinstance(rec.get("row"), dict):
+            done[_row_key(rec["row"])] = rec["row"]
+    return done
 
 
 # -- checks (nothing written) -----------------------------------------------------------------------------
@@ -482,8 +520,15 @@ def _samples(eval_sets: dict[str, list], gens: dict[str, list[str]], n: int) -> 
     return out
 
 
-def run_study(cfg: StudyConfig) -> dict[str, Any]:
-    """Run the study; returns the result dict (``rows``, ``setup``, ``config``). Raises StudyError on bad input."""
+def run_study(cfg: StudyConfig, on_progress: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
+    """Run the study; returns the result dict (``rows``, ``setup``, ``config``). Raises StudyError on bad input.
+
+    Loops run learning rate -> objective -> seed -> method, so an interrupted full study has every seed of the
+    cells it finished (both objectives at the first learning rate first). Each finished row is appended to ``<json>.rows.jsonl`` (with a fingerprint of everything
+    that changes the numbers); ``cfg.resume`` reuses the rows there instead of training them again.
+    ``on_progress(result)`` is called on rank 0 after each finished training run with the rows so far
+    (``result["runs_done"]`` of ``result["runs_total"]``), e.g. to write a partial report.
+    """
     from .train import SafetySet, TrainConfig, reference_logps, train, train_trl
 
     t_wall = time.perf_counter()
@@ -505,6 +550,11 @@ def run_study(cfg: StudyConfig) -> dict[str, Any]:
     methods: list[Method] = prep["methods"]
     trained = [m for m in methods if m.trains]
     n_runs = len(cfg.seeds) * len(cfg.objectives) * len(cfg.lrs) * len(trained)
+    fingerprint = _fingerprint(cfg, prep["dhash"])
+    log_path = rows_path(cfg) if rank == 0 else None
+    done = _load_done_rows(log_path, fingerprint) if cfg.resume else {}
+    if log_path is not None and not cfg.resume and log_path.exists():
+        log_path.unlink()  # a fresh run: the old log would otherwise be resumed from later
     rows: list[dict[str, Any]] = []
     setup: dict[str, Any] = {"base_capability_accuracy": prep["base_acc"], "capability_kept_questions": len(prep["kept"]),
                              "capability_questions": len(prep["parts"].capability), "data_hash": prep["dhash"],
@@ -512,8 +562,25 @@ def run_study(cfg: StudyConfig) -> dict[str, Any]:
                              "base_generation_seconds": prep["gen_seconds"], "base_generations_cached": prep["cached"],
                              "world_size": world, "device": device, "splits": {}, "parameters": sum(
                                  p.numel() for p in model.parameters())}
-    outer = _bar(total=n_runs * cfg.steps, desc="study", unit="step", enable=show)
-    for seed in cfg.seeds:
+    runs_done = 0
+
+    def result_so_far() -> dict[str, Any]:
+        return {"config": asdict(cfg), "setup": setup, "rows": list(rows), "wall_seconds": time.perf_counter() - t_wall,
+                "rank": rank, "world_size": world, "runs_done": runs_done, "runs_total": n_runs,
+                "resumed_rows": sum(1 for r in rows if r.get("resumed"))}
+
+    def record(row: dict[str, Any]) -> None:
+        rows.append(row)
+        if log_path is not None and not row.get("resumed"):
+            log_path.parent.mkdir(parents=True, exist_ok=True)
+            with open(log_path, "a") as fh:
+                fh.write(json.dumps({"fingerprint": fingerprint, "row": row}) + "\n")
+
+    per_seed: dict[int, dict[str, Any]] = {}
+
+    def seed_data(seed: int) -> dict[str, Any]:
+        if seed in per_seed:
+            return per_seed[seed]
         sp = prep["splits"][seed]
         eval_sets = {k: _subset(sp[k][1], cfg.max_eval, seed, salt) for salt, k in
                      enumerate(("capability", "harmful", "benign", "lookalike"))}
@@ -523,11 +590,12 @@ def run_study(cfg: StudyConfig) -> dict[str, Any]:
                                       for k, v in sp.items()}
         benign_tf = _encode_all(tok, [(e.prompt, base_gens[e.prompt]) for e in eval_sets["benign"]], cfg)
         retain_pairs = [(e.prompt, base_gens[e.prompt]) for e in sp["capability"][0] + sp["benign"][0]]
-        retain = _encode_all(tok, retain_pairs, cfg)
         harm_train = sp["harmful"][0]
         refusals = [e.response if getattr(e, "response", None) else DEFAULT_REFUSALS[i % len(DEFAULT_REFUSALS)]
                     for i, e in enumerate(harm_train)]
-        chosen = _encode_all(tok, [(e.prompt, r) for e, r in zip(harm_train, refusals)], cfg)
+        d = dict(eval_sets=eval_sets, train_sets=train_sets, benign_tf=benign_tf,
+                 retain=_encode_all(tok, retain_pairs, cfg), harm_train=harm_train, refusals=refusals,
+                 chosen=_encode_all(tok, [(e.prompt, r) for e, r in zip(harm_train, refusals)], cfg), safety={})
         # the base row, from the cached generations (no generation of its own)
         if rank == 0:
             bg = {k: [base_gens[e.prompt] for e in eval_sets[k]] for k in ("capability", "harmful", "benign", "lookalike")}
@@ -537,21 +605,47 @@ def run_study(cfg: StudyConfig) -> dict[str, Any]:
                        extra_forward=0.0, extra_backward=0.0, seconds_per_step=0.0, refresh_seconds_per_step=0.0,
                        samples=_samples(eval_sets, bg, cfg.samples))
             rows.append(row)
-        for objective in cfg.objectives:
-            safety = SafetySet(chosen=chosen)
-            use_trl = objective == "dpo" and cfg.dpo_impl == "trl"
-            prefs = [(e.prompt, r, base_gens[e.prompt]) for e, r in zip(harm_train, refusals)]
+        per_seed[seed] = d
+        return d
+
+    def safety_for(d: dict[str, Any], objective: str, use_trl: bool) -> Any:
+        if objective not in d["safety"]:
+            safety = SafetySet(chosen=d["chosen"])
             if objective == "dpo" and not use_trl:
-                safety.rejected = _encode_all(tok, [(e.prompt, base_gens[e.prompt]) for e in harm_train], cfg)
-                safety.ref_chosen = reference_logps(model, chosen, cfg.batch_size, tok.pad_token_id, device).cpu()
+                safety.rejected = _encode_all(tok, [(e.prompt, base_gens[e.prompt]) for e in d["harm_train"]], cfg)
+                safety.ref_chosen = reference_logps(model, d["chosen"], cfg.batch_size, tok.pad_token_id,
+                                                    device).cpu()
                 safety.ref_rejected = reference_logps(model, safety.rejected, cfg.batch_size, tok.pad_token_id,
                                                       device).cpu()
-            for lr in cfg.lrs:
+            d["safety"][objective] = safety
+        return d["safety"][objective]
+
+    outer = _bar(total=n_runs * cfg.steps, desc="study", unit="step", enable=show)
+    for seed in cfg.seeds:
+        seed_data(seed)  # base rows first, whatever the loop order
+    for lr in cfg.lrs:
+        for objective in cfg.objectives:
+            use_trl = objective == "dpo" and cfg.dpo_impl == "trl"
+            for seed in cfg.seeds:
+                d = seed_data(seed)
+                eval_sets, train_sets, benign_tf = d["eval_sets"], d["train_sets"], d["benign_tf"]
+
+                def key_of(m: Method) -> dict[str, Any]:
+                    return dict(seed=seed, objective=objective, lr=lr, method=m.name, spec=m.spec, family=m.family,
+                                kind=m.kind)
+
+                def reuse(m: Method) -> dict[str, Any] | None:
+                    old = done.get(_row_key(key_of(m)))
+                    return None if old is None else {**old, "resumed": True}
+
                 plain_state: dict[str, Any] | None = None
-                for m in methods:
-                    key = dict(seed=seed, objective=objective, lr=lr, method=m.name, spec=m.spec, family=m.family,
-                               kind=m.kind)
+                for i, m in enumerate(methods):
+                    key = key_of(m)
                     if m.kind == "interp":
+                        old = reuse(m)
+                        if old is not None and plain_state is None:
+                            record(old)
+                            continue
                         if plain_state is None:
                             continue
                         from ..interpolate import interpolate_
@@ -569,10 +663,23 @@ def run_study(cfg: StudyConfig) -> dict[str, Any]:
                                        notes=["the plain run's weights interpolated toward the base; its training "
                                               "cost is the plain row's"],
                                        samples=_samples(eval_sets, gens, cfg.samples))
-                            rows.append(row)
+                            record(row)
                         del interp
                         continue
                     plain_state = None  # its interpolations are done: free its weights
+                    old = reuse(m)
+                    # a plain run is reused only with every interpolation that follows it (they need its weights)
+                    followers = []
+                    for f in methods[i + 1:]:
+                        if f.kind != "interp":
+                            break
+                        followers.append(f)
+                    if old is not None and (m.kind != "plain" or all(reuse(f) is not None for f in followers)):
+                        record(old)
+                        runs_done += 1
+                        outer.update(cfg.steps)
+                        continue
+                    safety = safety_for(d, objective, use_trl)
                     torch.manual_seed(seed)
                     tuned = copy.deepcopy(model)
                     if cfg.lora_r:
@@ -591,12 +698,13 @@ def run_study(cfg: StudyConfig) -> dict[str, Any]:
                                        weight_decay=cfg.weight_decay, beta=cfg.beta, refresh_every=cfg.refresh_every,
                                        basis_batches=cfg.basis_batches, seed=seed, backend=cfg.backend, rank=rank,
                                        world_size=world)
-                    outer.set_description(f"study: seed {seed} {objective} lr {lr:g} {m.name}")
+                    outer.set_description(f"study: {objective} lr {lr:g} seed {seed} {m.name}")
                     if use_trl:
-                        tr = train_trl(tuned, model, m, prefs, retain, tcfg, tok=tok, max_length=cfg.max_length,
+                        prefs = [(e.prompt, r, base_gens[e.prompt]) for e, r in zip(d["harm_train"], d["refusals"])]
+                        tr = train_trl(tuned, model, m, prefs, d["retain"], tcfg, tok=tok, max_length=cfg.max_length,
                                        progress=outer)
                     else:
-                        tr = train(tuned, model, m, safety, retain, tcfg, pad_id=tok.pad_token_id,
+                        tr = train(tuned, model, m, safety, d["retain"], tcfg, pad_id=tok.pad_token_id,
                                    forward_model=fwd, progress=outer)
                     tuned.eval()
                     if rank == 0:
@@ -609,15 +717,16 @@ def run_study(cfg: StudyConfig) -> dict[str, Any]:
                                    removed_fraction=tr.removed_fraction, basis_mib=tr.basis_mib,
                                    rank_mean=tr.rank_mean, refreshes=tr.refreshes, notes=tr.notes,
                                    samples=_samples(eval_sets, gens, cfg.samples))
-                        rows.append(row)
+                        record(row)
                     _barrier(world)
                     del fwd
+                    runs_done += 1
                     if m.kind == "plain":
                         plain_state = {"model": tuned, "start": start, "result": tr}
                     else:
                         del tuned
+                    if on_progress is not None and rank == 0 and runs_done < n_runs:
+                        on_progress(result_so_far())
                 plain_state = None
     outer.close()
-    cfg_dict = asdict(cfg)
-    return {"config": cfg_dict, "setup": setup, "rows": rows, "wall_seconds": time.perf_counter() - t_wall,
-            "rank": rank, "world_size": world}
+    return result_so_far()
