@@ -263,7 +263,7 @@ def test_default_backend_on_cpu_is_the_cpp_kernel():
     from atax_kernels.ops.registry import resolve_remove_span
 
     impl = resolve_remove_span(None, torch.device("cpu"), {torch.float32})
-    if "cpu" in BACKENDS and rs._cpp_present():
+    if "cpu" in BACKENDS and rs.remove_span_present():
         assert impl is rs.remove_span_cpp
     else:
         assert impl is rs.remove_span_torch
@@ -286,7 +286,7 @@ def test_opcheck_cpu():
         pytest.skip("cpu backend unavailable")
     from atax_kernels.ops import remove_span as rs
 
-    assert rs._cpp_present()
+    assert rs.remove_span_present()
     ws, bases = _opcheck_samples()
     torch.library.opcheck(torch.ops.atax.remove_span_.default, (ws, bases))
 

@@ -9,7 +9,7 @@ from torch import Tensor
 
 from .. import _ext
 
-__all__ = ["available", "has_cuda_kernels", "gram", "combine_"]
+__all__ = ["available", "has_cuda_kernels", "gram", "combine_", "remove_span_cpp", "remove_span_present"]
 
 _lock = threading.Lock()
 _fakes_done = False
@@ -82,3 +82,30 @@ def gram(vectors: list[list[Tensor]], per_tensor: bool) -> Tensor:
 def combine_(target: list[Tensor], vectors: list[list[Tensor]], coefs: Tensor) -> None:
     """target[i] -= sum_j coefs[j] (or coefs[i, j]) * vectors[j][i], in place."""
     torch.ops.atax.combine_(list(target), _flat(vectors), coefs)
+
+
+# -- atax::remove_span_ (csrc/cpu/remove_span.cpp) --------------------------------------------------
+_fake_done = False
+
+
+def remove_span_present() -> bool:
+    """True when the loaded extension has ``atax::remove_span_`` (its fake impl is registered on first call)."""
+    global _fake_done
+    try:
+        torch.ops.atax.remove_span_  # noqa: B018
+    except Exception:
+        return False
+    if not _fake_done:
+        try:
+            @torch.library.register_fake("atax::remove_span_")
+            def _fake(targets, bases):
+                return targets[0].new_empty((len(targets), 2), dtype=torch.float64)
+        except RuntimeError:  # already registered (module reloaded)
+            pass
+        _fake_done = True
+    return True
+
+
+def remove_span_cpp(targets: list[torch.Tensor], bases: list[torch.Tensor | None]) -> torch.Tensor:
+    """The ``cpu`` backend: the C++ op ``atax::remove_span_``."""
+    return torch.ops.atax.remove_span_(list(targets), list(bases))

@@ -172,7 +172,8 @@ def resolve_remove_span(
     ``cuda`` has no hand-written kernel for this op: the torch path (cuBLAS) serves under that name.
     An extension built before the op existed serves the default through torch and refuses an explicit ``cpu``.
     """
-    from . import remove_span as rs
+    from . import cpp
+    from .remove_span_torch import remove_span_torch
 
     explicit = backend is not None or bool(os.environ.get("ATAX_BACKEND", "").strip())
     if not explicit and device.type == "cuda" and dtypes <= set(KERNEL_DTYPES):
@@ -180,16 +181,16 @@ def resolve_remove_span(
     else:
         name = resolve(backend, device, dtypes).name
     if name == "cpu":
-        if rs._cpp_present():
-            return rs.remove_span_cpp
+        if cpp.remove_span_present():
+            return cpp.remove_span_cpp
         if explicit:
             raise ValueError(
                 "backend 'cpu' has no atax::remove_span_ in the loaded extension (built before the op existed); "
                 "rebuild with `python -m atax_kernels.build`"
             )
-        return rs.remove_span_torch
+        return remove_span_torch
     if name == "triton":
         from .triton import remove_span as trs
 
         return trs.remove_span_triton
-    return rs.remove_span_torch
+    return remove_span_torch

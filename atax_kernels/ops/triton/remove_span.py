@@ -20,7 +20,7 @@ import triton
 import triton.language as tl
 
 from . import _table
-from ..remove_span import remove_span_torch
+from ..remove_span_torch import remove_span_torch
 
 MAX_RANK = 128
 BLOCK_M = 32
