@@ -20,7 +20,7 @@ from .projection import ProjectionStats, project_
 from .subspace import Subspace
 from .optim import ProjectedOptimizer
 from .activation import ActivationSubspace
-from .distributed import project_model_
+from .plain import project_model_
 from . import objectives
 from .interpolate import interpolate_
 from .pareto import pareto_sweep

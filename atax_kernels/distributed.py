@@ -14,32 +14,26 @@ the same problem and applies ``g <- g - R^T c`` to its own shard. See docs/distr
   partition, manual sharding): pass ``process_group=`` to :func:`project_model_`.
 * DeepSpeed ZeRO engines are refused (design in docs/distributed.md).
 
-:func:`project_model_` is the one-call entry point for plain PyTorch / accelerate training loops.
+:func:`atax_kernels.project_model_` (plain.py) is the one-call entry point for plain PyTorch / accelerate loops;
+this module only knows how to reduce: it imports nothing above the DTensor leaf.
 """
 from __future__ import annotations
 
 import dataclasses
-import sys
 from typing import Any, Callable, Hashable, Iterable
 
 import torch
 
-from .projection import ProjectionStats, _project_impl
+from ._dtensor import dtensor_cls, local
 
-__all__ = ["project_model_", "gram_all_reducer"]
+__all__ = ["gram_all_reducer", "has_dtensor", "localize", "local_backend", "global_sq_norm"]
 
 
 # --- DTensor plumbing used by project_ -------------------------------------------------------------
 
-def _dtensor_cls() -> type | None:
-    # A DTensor can only exist once torch.distributed.tensor has been imported: no import cost otherwise.
-    mod = sys.modules.get("torch.distributed.tensor")
-    return getattr(mod, "DTensor", None) if mod is not None else None
-
-
 def has_dtensor(grads: list[torch.Tensor], refs: list[list[torch.Tensor]]) -> bool:
     """True when any gradient or reference tensor is a DTensor."""
-    cls = _dtensor_cls()
+    cls = dtensor_cls()
     if cls is None:
         return False
     return any(isinstance(t, cls) for lst in [grads, *refs] for t in lst)
@@ -95,11 +89,6 @@ def _key_reducer(key: Hashable) -> Callable[[torch.Tensor], torch.Tensor]:
     return gram_all_reducer(*[mesh.get_group(d) for d in dims])
 
 
-def _local(t: torch.Tensor) -> torch.Tensor:
-    with torch.no_grad():  # the local tensor itself, not an autograd view: combine_ writes into it
-        return t.to_local()
-
-
 def localize(
     grads: list[torch.Tensor], refs: list[list[torch.Tensor]], labels: list[str],
     reduce_grams: Callable[[torch.Tensor], torch.Tensor] | None,
@@ -111,7 +100,7 @@ def localize(
     Gram is reduced by one all-reduce (the hook); otherwise the backend's gram is wrapped to compute and
     reduce one partial Gram per reduction class and add them.
     """
-    cls = _dtensor_cls()
+    cls = dtensor_cls()
     if reduce_grams is not None:
         raise ValueError(
             "process_group is for plain tensors that are shards of one gradient; these gradients are DTensors, "
@@ -140,8 +129,8 @@ def localize(
                 )
         keys.append(_reduction_key(mesh, placements, f"grads[{i}]"))
 
-    local_grads = [_local(t) if isinstance(t, cls) else t for t in grads]
-    local_refs = [[_local(t) if isinstance(t, cls) else t for t in lst] for lst in refs]
+    local_grads = [local(t) for t in grads]
+    local_refs = [[local(t) for t in lst] for lst in refs]
 
     classes: dict[Hashable | None, list[int]] = {}
     for i, key in enumerate(keys):  # insertion order = first position: the same on every rank
@@ -172,212 +161,36 @@ def localize(
     return local_grads, local_refs, None, wrap
 
 
-# --- project_model_ ---------------------------------------------------------------------------------
+# --- the same reductions for callers that run the passes themselves (ProjectedOptimizer) -------------
 
-def _refuse_unsupported(params_obj: Any, params: list[torch.Tensor], accelerator: Any, process_group: Any) -> None:
-    dtype = str(getattr(accelerator, "distributed_type", "")) if accelerator is not None else ""
-    if dtype.upper().endswith("DEEPSPEED") or type(params_obj).__name__ == "DeepSpeedEngine" or any(
-        hasattr(p, "ds_id") or hasattr(p, "ds_tensor") for p in params
-    ):
-        raise NotImplementedError(
-            "DeepSpeed ZeRO is not supported: ZeRO keeps gradients in partitioned flat buffers owned by the engine, "
-            "not in param.grad. The design (a local partial Gram over each rank's partition + one all-reduce) is "
-            "in docs/distributed.md; use DDP or FSDP2 (fully_shard) meanwhile."
-        )
-    if (process_group is None and dtype.upper().endswith("FSDP") and not getattr(accelerator, "is_fsdp2", False)
-            and not has_dtensor([p.grad for p in params if p.grad is not None], [])):
-        raise ValueError(
-            "accelerate FSDP1 keeps each rank's shard of the gradient in plain tensors: pass "
-            "process_group=<the FSDP sharding group> so dot products are summed across shards, or use "
-            "fsdp_version=2 (DTensor gradients: automatic). Under NO_SHARD the gradients are full: call "
-            "atax_kernels.project_ on them directly"
-        )
-    if process_group is None and any(getattr(p, "_is_flat_param", False) for p in params):
-        raise ValueError(
-            "these are FSDP1 flat parameters, whose .grad holds only this rank's shard: pass "
-            "process_group=<the FSDP sharding group> so dot products are summed across shards (or use FSDP2)"
-        )
+def local_backend(
+    backend: str | None, vectors: list[torch.Tensor], ref_lists: list[list[torch.Tensor]],
+) -> tuple[list[torch.Tensor], list[list[torch.Tensor]], Any, Callable | None]:
+    """(local vectors, local refs, resolved backend, reduce_grams). Plain tensors pass through; DTensors
+    (FSDP2/HSDP) become their local shards, and the Gram is all-reduced over the shard mesh dims (as in
+    ``project_``)."""
+    from .ops.registry import resolve
+
+    reduce_grams = wrap = None
+    if has_dtensor(vectors, ref_lists):
+        labels = [f"references[{j}]" for j in range(len(ref_lists))]
+        vectors, ref_lists, reduce_grams, wrap = localize(vectors, ref_lists, labels, None)
+    dtypes = {t.dtype for lst in [vectors, *ref_lists] for t in lst}
+    impl = resolve(backend, vectors[0].device, dtypes)
+    if wrap is not None:
+        impl = wrap(impl)
+    return vectors, ref_lists, impl, reduce_grams
 
 
-def _select_reference(reference: Any, keep: list[int], n: int) -> Any:
-    """Restrict a reference given for all ``n`` params to the positions in ``keep``."""
-    from .subspace import Subspace
+def global_sq_norm(tensors: list[torch.Tensor], backend: str | None = None) -> float:
+    """|v|^2 of a tensor list; for DTensors (FSDP2) the global one (local Gram all-reduced over the shard mesh
+    dims), so every rank takes the same decision from it (a rank may hold only empty shards)."""
+    if not has_dtensor(tensors, []):
+        from .ops import gram
 
-    if isinstance(reference, Subspace):
-        if len(reference.shapes) != n:
-            raise ValueError(f"reference Subspace has {len(reference.shapes)} tensors but there are {n} parameters")
-        if len(keep) == n:
-            return reference
-        if reference.rank == 0:
-            return reference  # project_ explains the empty subspace
-        # A basis restricted to some tensors is no longer orthonormal: solve with its Gram instead.
-        return [[vec[i] for i in keep] for vec in reference.basis]
-    if isinstance(reference, torch.Tensor):
-        reference = [reference]
-    if not isinstance(reference, (list, tuple)) or len(reference) == 0:
-        raise TypeError(
-            "reference must be a list of tensors parallel to params (captured capability gradients), a list of "
-            f"such lists, a Subspace, or a callable returning a capability loss; got {type(reference).__name__}"
-        )
-    nested = all(isinstance(r, (list, tuple)) for r in reference)
-    lists = [list(r) for r in reference] if nested else [list(reference)]
-    out = []
-    for j, lst in enumerate(lists):
-        label = f"reference[{j}]" if nested else "reference"
-        if len(lst) != n:
-            raise ValueError(f"{label} has {len(lst)} tensors but there are {n} parameters")
-        out.append([lst[i] for i in keep])
-    return out if nested else out[0]
-
-
-class _Stash:
-    """Safety gradients set aside while the capability backward runs, and put back afterwards.
-
-    Plain gradients move without a copy (``p.grad = None``; backward allocates fresh ones). A gradient that
-    is a view of a bucket (DDP ``gradient_as_bucket_view``: ``g._base is not None``) must stay where it is,
-    so it is cloned and zeroed; the projection is applied to the clone and copied back into the view.
-    """
-
-    def __init__(self, params: list[torch.Tensor]):
-        self.entries: list[tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]] = []
-        with torch.no_grad():
-            for p in params:
-                g = p.grad
-                if g is None:
-                    self.entries.append((p, None, None))
-                elif g._base is not None:
-                    saved = g.clone()
-                    g.zero_()
-                    self.entries.append((p, saved, g))
-                else:
-                    p.grad = None
-                    self.entries.append((p, g, None))
-
-    def take(self) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-        """Capability grads become references; the safety grads (or their clones) are put back."""
-        grads, refs = [], []
-        for p, saved, view in self.entries:
-            cap = p.grad
-            if saved is None:
-                p.grad = None  # no safety gradient: leave the parameter out, as the safety step would
-                continue
-            if view is None:
-                p.grad = saved
-            grads.append(saved)
-            refs.append(cap.detach() if cap is not None else torch.zeros_like(saved))
-        return grads, refs
-
-    def finish(self) -> None:
-        """Copy (projected) clones back into their bucket views."""
-        with torch.no_grad():
-            for p, saved, view in self.entries:
-                if view is not None:
-                    view.copy_(saved)
-                    p.grad = view
-        self.entries = []
-
-    def abort(self) -> None:
-        with torch.no_grad():
-            for p, saved, view in self.entries:
-                if view is not None:
-                    view.copy_(saved)
-                    p.grad = view
-                else:
-                    p.grad = saved
-        self.entries = []
-
-
-def project_model_(
-    params: Iterable[torch.Tensor] | torch.nn.Module,
-    reference: Any,
-    *,
-    accelerator: Any = None,
-    mode: str = "orthogonal",
-    strength: float = 1.0,
-    granularity: str = "global",
-    backend: str | None = None,
-    process_group: Any = None,
-) -> ProjectionStats:
-    """Project the safety gradients held in ``p.grad`` away from a capability reference, in place.
-
-    One call between the safety backward and gradient clipping of a plain PyTorch / accelerate loop::
-
-        loss_safety.backward()                  # or accelerator.backward(loss_safety)
-        stats = project_model_(model.parameters(), lambda: capability_loss(model, cap_batch))
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step(); optimizer.zero_grad()
-
-    Args:
-        params: parameters (or a module). Parameters whose ``.grad`` is None are left out.
-        reference: the capability direction(s):
-
-            * a list of tensors parallel to ``params`` (captured capability gradients; None entries count as
-              zero), or a list of such lists (several references);
-            * a :class:`~atax_kernels.Subspace` over ``params``;
-            * a callable taking no argument and returning a capability loss. The safety gradients are set
-              aside (without a copy; cloned only when they are views of a DDP bucket), the loss is
-              back-propagated (through ``accelerator.backward`` when given, so its scaling and gradient
-              synchronisation apply), the resulting gradients become the reference, and the safety
-              gradients are put back before projecting. Costs one forward + backward.
-        accelerator: an ``accelerate.Accelerator`` (used for the callable's backward only).
-        mode, strength, granularity, backend: as in :func:`atax_kernels.project_`.
-        process_group: only for plain-tensor gradients that are disjoint shards of one gradient (FSDP1 flat
-            parameters, a manual or ZeRO-style partition): local Grams are summed over this group. Leave
-            None under DDP (gradients are replicated: summing would multiply every dot by the world size)
-            and under FSDP2/HSDP (DTensor placements already say how to reduce).
-
-    Scaling: the projection is invariant to positive scalings of the gradient and of each reference
-    (``c_j r_j`` scales with ``g`` only), so with a ``GradScaler`` both the safety and the capability
-    backward may be scaled (even by different factors): project before ``scaler.unscale_``. A non-finite
-    Gram (an overflowed scaled backward) leaves the gradients untouched and sets ``stats.skipped``.
-
-    Distributed: a collective call: every rank must call it, with the same parameters. Every rank gets the
-    same coefficients, skip decision and statistics.
-
-    Returns:
-        :class:`~atax_kernels.ProjectionStats` (the gradients are modified in place).
-    """
-    from .subspace import Subspace
-
-    params_obj = params
-    if isinstance(params, torch.nn.Module):
-        param_list = list(params.parameters())
-    elif isinstance(params, torch.Tensor):
-        param_list = [params]
-    else:
-        param_list = list(params)
-    for i, p in enumerate(param_list):
-        if not isinstance(p, torch.Tensor):
-            raise TypeError(f"params[{i}] is a {type(p).__name__}, expected a parameter (torch.Tensor)")
-    _refuse_unsupported(params_obj, param_list, accelerator, process_group)
-    reduce = None if process_group is None else gram_all_reducer(process_group)
-
-    if callable(reference) and not isinstance(reference, (Subspace, torch.Tensor, list, tuple)):
-        stash = _Stash(param_list)
-        try:
-            with torch.enable_grad():
-                loss = reference()
-                if not isinstance(loss, torch.Tensor) or not loss.requires_grad:
-                    raise TypeError("the reference callable must return a loss tensor attached to autograd")
-                if accelerator is not None:
-                    accelerator.backward(loss)
-                else:
-                    loss.backward()
-            grads, refs = stash.take()
-        except BaseException:
-            stash.abort()
-            raise
-        try:
-            return _project_impl(grads, refs, mode, strength, granularity, backend, reduce_grams=reduce)
-        finally:
-            stash.finish()
-
-    keep = [i for i, p in enumerate(param_list) if p.grad is not None]
-    grads = [param_list[i].grad for i in keep]
-    refs = _select_reference(reference, keep, len(param_list))
-    if not isinstance(refs, Subspace):  # None entries (no capability gradient there) count as zero
-        nested = len(refs) > 0 and isinstance(refs[0], list)
-        lists = refs if nested else [refs]
-        lists = [[torch.zeros_like(g) if r is None else r for g, r in zip(grads, lst)] for lst in lists]
-        refs = lists if nested else lists[0]
-    return _project_impl(grads, refs, mode, strength, granularity, backend, reduce_grams=reduce)
+        return float(gram([tensors], backend=backend)[0, 0])
+    local_vectors, _, impl, reduce_grams = local_backend(backend, tensors, [])
+    grams = impl.gram([local_vectors], False)
+    if reduce_grams is not None:
+        grams = reduce_grams(grams)
+    return float(grams[0, 0])
