@@ -1,58 +1,5 @@
-"""``ActivationSubspace``: protect what the capability data's activations span (the multi-subspace mode).
-
-For a weight W (d_out x d_in) whose inputs on capability data lie (mostly) in span(U), U = the top
-eigenvectors of the input second moment ``C = sum x x^T`` holding a fraction ``energy`` of its trace,
-projecting the optimizer's realised update ``dW <- dW - (dW U) U^T`` makes ``dW x = 0`` on that span. If every
-layer does it, the model's outputs on those inputs do not move (exactly, not to first order); training
-happens in what the capability inputs do not use. See docs/DESIGN.md, "Activation-space projection".
-
-Typical use::
-
-    sub = ActivationSubspace(model, energy=0.99)
-    with torch.no_grad(), sub.observe(attention_mask=mask):
-        model(input_ids=cap_ids, attention_mask=mask)      # streams sum x x^T per distinct input
-    sub.update()                                           # bases from what was observed
-    opt = ProjectedOptimizer(torch.optim.AdamW(model.parameters()), activation_subspace=sub)
-
-What is protected (``modules=None``: every such module with a trainable weight):
-
-* ``nn.Linear`` and transformers' ``Conv1D`` (GPT-2; its weight is [d_in, d_out], projected as its transpose);
-* PEFT LoRA ``Linear`` layers: the update of ``lora_A`` (r_lora x d_in) is projected with the layer input's
-  basis, and the update of ``lora_B`` with the basis of ``A x`` (eigenvectors of ``A C A^T``, computed from
-  the same second moment at ``update()``, so no extra accumulator). Both are needed: with only A projected,
-  ``dB A x`` still moves ``B A x``. ``lora_dropout`` does not matter (the layer's clean input is observed).
-  DoRA and LoRA embeddings/convolutions are refused;
-* ``nn.Embedding``: inputs are one-hot, so the protected set is the rows of the tokens the capability data
-  uses (all of them: a used token's row *is* its input, nothing partial to leave out); with ``contrast`` the
-  tokens whose capability frequency exceeds ``contrast`` x their safety frequency; ``energy=0`` protects none,
-  ``max_rank`` keeps the most frequent. Their update is zeroed.
-* Biases of protected modules and normalisation weights: their updates are zeroed by default
-  (``biases="freeze"``, ``norms="freeze"``; ``"free"`` leaves them to the optimizer). A bias or a norm gain
-  moves the output for *every* input, so left free it spends exactly what the projection protects. Measured
-  (``finetune_safety(method="activation")``, energy 0.99, 300 AdamW steps, held-out scores, lr 3e-4 / 1e-3):
-  biases on a bias-enabled tiny Llama, modular task, seeds 0 and 1: capability 0.94 / 0.74 and 0.96 / 0.86
-  free against 1.00 / 1.00 and 1.00 / 0.99 frozen, safety 1.00 in all eight runs. RMSNorm weights: modular
-  task 1.00 / 1.00 either way (it saturates); overflow task (semantic trigger), seeds 0 and 1: capability
-  0.58 / 0.16 and 0.38 / 0.03 free against 0.72 / 0.41 and 0.73 / 0.30 frozen, safety 0.86 / 1.00 and
-  0.68 / 1.00 free against 0.80 / 0.96 and 0.51 / 0.92 frozen. So freezing norms is a trade there (more
-  capability kept, slower safety), and it is the setting under which the guarantee below holds exactly.
-
-Shared inputs: modules whose forward pre-hook receives the same live input tensor in one forward (q/k/v read
-the same normed hidden state, gate/up too) are found at run time and share one accumulator and one basis.
-
-Memory: persistent state is only the bases, ``sum d_in * r * itemsize(basis_dtype)`` bytes (plus 8 bytes per
-protected token and, with ``update(decay>0)``, one d_in x d_in float64 moment per distinct input). While
-observing, each distinct input holds a d_in x d_in float64 accumulator and a same-size staging buffer (the
-batch is folded in only if it was finite); ``update()`` with ``decay=0`` frees them.
-
-Eigen-solutions: full ``torch.linalg.eigh`` for d_in <= ``EIGH_MAX_DIM`` (float64 up to 1024, float32 above:
-twice as fast, and the bases are stored in float32); above it (and with
-contrast 0) a block subspace iteration warm-started from the previous basis with Rayleigh-Ritz, growing the
-block until it holds ``energy`` of the (exact) trace. Contrast > 0 always uses the full eigh.
-
-Distributed: ``update()`` sums the second moments and token counts over the data-parallel group (one
-all-reduce of one flat float64 buffer), so every replica computes the same basis.
-"""
+"""``ActivationSubspace``: the per-layer bases of the capability data's input activations, and the object that
+holds them (see the package docstring, ``atax_kernels/activation/__init__.py``, for what it protects and how)."""
 from __future__ import annotations
 
 import contextlib
@@ -61,11 +8,13 @@ import math
 import sys
 import warnings
 import weakref
-from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Iterator
 
 import torch
 from torch import nn
+
+from .._dtensor import is_dtensor, local
+from .stats import ActivationStats
 
 __all__ = ["ActivationSubspace", "ActivationStats"]
 
@@ -86,35 +35,6 @@ EIGH_MAX_DIM = 2048
 ROUND_OFF = {torch.float64: 1e-12, torch.float32: 1e-6}
 #: Full eigh in float64 up to this input dimension, float32 above it (up to ``EIGH_MAX_DIM``).
 EIGH_FLOAT64_MAX_DIM = 1024
-
-
-@dataclass
-class ActivationStats:
-    """What the activation projection did in one optimizer step (tensors stay on the device).
-
-    Attributes:
-        ranks: per protected module name, the rank of its basis (tokens for embeddings).
-        names: the module (and parameter) names of the rows of ``per_target``.
-        per_target: float64 ``[n, 2]``: ``|dW|^2`` before and ``|dW U|^2`` removed, per projected target.
-        update_removed_fraction: scalar ``|removed| / |update|`` over every protected parameter's update.
-    """
-
-    ranks: dict[str, int]
-    names: list[str]
-    per_target: torch.Tensor
-    update_removed_fraction: torch.Tensor
-
-    @property
-    def feature_rank_mean(self) -> float:
-        """Mean basis rank over the protected modules (LoRA ``.lora_B`` factors counted apart)."""
-        r = [v for k, v in self.ranks.items() if not k.endswith(".lora_B")]
-        return sum(r) / max(1, len(r))
-
-    @property
-    def lora_b_rank_max(self) -> int | None:
-        """Largest basis rank a LoRA B update is projected off (0 with ``lora="input"``); None without LoRA."""
-        r = [v for k, v in self.ranks.items() if k.endswith(".lora_B")]
-        return max(r) if r else None
 
 
 def _is_conv1d(m: nn.Module) -> bool:
@@ -730,7 +650,7 @@ class ActivationSubspace:
         if u is None or u.shape[1] == 0:
             return
         for a, lin in e.module.lora_A.items():
-            w = _local(lin.weight.detach())  # FSDP2 shards A by rows: each row's projection is local
+            w = local(lin.weight.detach())  # FSDP2 shards A by rows: each row's projection is local
             wd = torch.float64 if w.dtype == torch.float64 else torch.float32
             uu = u.to(w.device, wd)
             before = float(_sq(w))
@@ -885,7 +805,7 @@ class ActivationSubspace:
         Returns the step's :class:`ActivationStats`. Everything that can fail (sharded layouts, the op's
         checks) is checked before any delta is written, so on an error ``deltas`` are unchanged.
         """
-        from .ops import remove_span_
+        from ..ops import remove_span_
 
         zero_rows: list[tuple[torch.Tensor, torch.Tensor]] = []  # written only after the op succeeded
         zero_all: list[torch.Tensor] = []
@@ -900,11 +820,11 @@ class ActivationSubspace:
                 i = where.get(id(p))
                 if i is None:
                     continue
-                d = _local(deltas[i])
+                d = local(deltas[i])
                 if role == "rows":
                     if e.tokens is None or e.tokens.numel() == 0:
                         continue
-                    if _is_dtensor(params[i]) or _is_dtensor(deltas[i]):
+                    if is_dtensor(params[i]) or is_dtensor(deltas[i]):
                         raise NotImplementedError(f"{label}: sharded (DTensor) embeddings are not supported")
                     rows = d.index_select(0, e.tokens)
                     row_parts.append(torch.stack([_sq(d), _sq(rows)]))
@@ -912,7 +832,7 @@ class ActivationSubspace:
                     zero_rows.append((d, e.tokens))
                     continue
                 if role == "dense_t":
-                    if _is_dtensor(params[i]) or _is_dtensor(deltas[i]):
+                    if is_dtensor(params[i]) or is_dtensor(deltas[i]):
                         raise NotImplementedError(f"{label}: a sharded Conv1D weight ([d_in, d_out] rows) cannot "
                                                   f"be projected locally")
                     d = d.t()
@@ -933,7 +853,7 @@ class ActivationSubspace:
             i = where.get(id(p))
             if i is None:
                 continue
-            d = _local(deltas[i])
+            d = local(deltas[i])
             row_parts.append(torch.stack([_sq(d), _sq(d)]))
             row_names.append(label)
             zero_all.append(d)
@@ -1180,7 +1100,7 @@ class ActivationSubspace:
         The loader is kept (``refresh()``, ``attach(refresh_every=N)`` re-observe it from the current model),
         and so is ``positions`` (see :meth:`observe_loader`).
         """
-        from ._batches import check_first  # the first batch has the model's inputs (peeked, nothing consumed)
+        from .._batches import check_first  # the first batch has the model's inputs (peeked, nothing consumed)
         check_first(model, loader, where="ActivationSubspace.from_loader: the capability loader",
                     needs_loss=False, custom=forward is not None)
         if positions not in POSITIONS:
@@ -1349,14 +1269,3 @@ def _subspace_iteration(m: torch.Tensor, energy: float, max_rank: int | None, pr
 def _sq(t: torch.Tensor) -> torch.Tensor:
     return torch.sum(t.to(torch.float64) ** 2) if t.numel() else torch.zeros((), dtype=torch.float64,
                                                                              device=t.device)
-
-
-def _is_dtensor(t: torch.Tensor) -> bool:
-    from . import distributed as _dist
-
-    cls = _dist._dtensor_cls()
-    return cls is not None and isinstance(t, cls)
-
-
-def _local(t: torch.Tensor) -> torch.Tensor:
-    return t.to_local() if _is_dtensor(t) else t
