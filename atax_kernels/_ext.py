@@ -313,21 +313,22 @@ def _load_impl() -> types.ModuleType | None:
         _info["cuda_error"] = why
         warnings.warn(f"atax_kernels: {why}; building the CPU-only extension", RuntimeWarning, stacklevel=3)
     if want_cuda:
-        try:
-            mod = _try_build(cuda=True)
-            _info["cuda"] = True
+        mod = _build_or_warn(cuda=True, fallback="falling back to the CPU-only extension")
+        if mod is not None:
             return mod
-        except Exception as exc:
-            _info["cuda_error"] = _short(exc)
-            warnings.warn(f"atax_kernels: CUDA extension build failed ({_info['cuda_error']}); "
-                          "falling back to the CPU-only extension", RuntimeWarning, stacklevel=3)
-            _info["cuda_home"] = None
+        _info["cuda_home"] = None
+    return _build_or_warn(cuda=False, fallback="using the torch backend")
+
+
+def _build_or_warn(*, cuda: bool, fallback: str) -> types.ModuleType | None:
+    """One JIT build attempt; on failure the reason is recorded in build_info() and said in a warning."""
     try:
-        mod = _try_build(cuda=False)
-        _info["cuda"] = False
+        mod = _try_build(cuda=cuda)
+        _info["cuda"] = cuda
         return mod
     except Exception as exc:
-        _info["error"] = _short(exc)
-        warnings.warn(f"atax_kernels: C++ extension build failed ({_info['error']}); "
-                      "using the torch backend", RuntimeWarning, stacklevel=3)
+        key = "cuda_error" if cuda else "error"
+        _info[key] = _short(exc)
+        what = "CUDA extension" if cuda else "C++ extension"
+        warnings.warn(f"atax_kernels: {what} build failed ({_info[key]}); {fallback}", RuntimeWarning, stacklevel=4)
         return None
