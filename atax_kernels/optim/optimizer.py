@@ -31,6 +31,7 @@ import torch
 from .. import distributed as _dist
 from .._dtensor import local
 from .._gradstash import GradStash
+from ..activation.apply import UpdateSnapshot, empty_stats, refresh
 from ..projection import ProjectionStats, project_resolved, unprojected_stats
 from ..references.ema import capture_verdict, fold_ema_
 from ..subspace import Subspace
@@ -201,6 +202,10 @@ class ProjectedOptimizer(torch.optim.Optimizer):
     def _params(self) -> list[torch.Tensor]:
         return [p for group in self.optimizer.param_groups for p in group["params"]]
 
+    def _first_device(self) -> torch.device:
+        params = self._params()
+        return params[0].device if params else torch.device("cpu")
+
     def _inv_scale(self) -> float:
         if self.scaler is None or not getattr(self.scaler, "is_enabled", lambda: True)():
             return 1.0
@@ -314,14 +319,7 @@ class ProjectedOptimizer(torch.optim.Optimizer):
         if sub is None:
             return self._step_references(closure)
         if self.reference_fn is not None and self._steps % self.refresh_every == 0:
-            was_training = sub.model.training
-            sub.model.eval()  # as observe_loader: capability inputs without dropout noise widening the span
-            try:
-                with sub.observe():
-                    self.reference_fn()
-            finally:
-                sub.model.train(was_training)
-            sub.update()
+            refresh(sub, self.reference_fn)
         elif sub.updates == 0:
             if not sub.has_observed():  # checked here, not at construction: load_state_dict() may bring bases
                 raise ValueError(
@@ -333,28 +331,9 @@ class ProjectedOptimizer(torch.optim.Optimizer):
         managed = {id(p) for p in self._params()}
         if self.activation_target == "grad":
             return self._step_activation_grad(sub, managed, closure)
-        protected = [p for p in sub.parameters() if id(p) in managed]
-        # The one copy: the protected parameters before the step (local shards under FSDP2).
-        deltas = [local(p.detach()).clone() for p in protected]
+        snapshot = UpdateSnapshot.take(sub, managed)
         result = self._step_references(closure)
-        if protected:
-            now = [local(p.detach()) for p in protected]
-            torch._foreach_sub_(deltas, now)
-            torch._foreach_neg_(deltas)     # realised update dW = new - old
-            torch._foreach_sub_(now, deltas)  # back to old (exact where old and new are within 2x: Sterbenz)
-            try:
-                act = sub.project_updates_(protected, deltas, backend=self.backend)
-            except BaseException:
-                torch._foreach_add_(now, deltas)  # deltas untouched on error: leave the plain step, then raise
-                raise
-            torch._foreach_add_(now, deltas)  # old + projected dW
-            del deltas
-        else:
-            dev = self._params()[0].device if self._params() else torch.device("cpu")
-            from .activation import ActivationStats
-
-            act = ActivationStats(ranks=sub.ranks(), names=[], per_target=torch.zeros((0, 2), dtype=torch.float64,
-                                  device=dev), update_removed_fraction=torch.zeros((), dtype=torch.float64, device=dev))
+        act = snapshot.project(self.backend, device=self._first_device())
         if self.last_stats is not None:
             self.last_stats.activation = act
         return result
@@ -365,14 +344,8 @@ class ProjectedOptimizer(torch.optim.Optimizer):
             raise ValueError("activation_target='grad' projects the gradients present when step() is called; a "
                              "closure would recompute them after the projection. Call backward() before step()")
         protected = [p for p in sub.parameters() if id(p) in managed and p.grad is not None]
-        if protected:
-            act = sub.project_updates_(protected, [p.grad for p in protected], backend=self.backend)
-        else:
-            from .activation import ActivationStats
-
-            dev = self._params()[0].device if self._params() else torch.device("cpu")
-            act = ActivationStats(ranks=sub.ranks(), names=[], per_target=torch.zeros((0, 2), dtype=torch.float64,
-                                  device=dev), update_removed_fraction=torch.zeros((), dtype=torch.float64, device=dev))
+        act = (sub.project_updates_(protected, [p.grad for p in protected], backend=self.backend) if protected
+               else empty_stats(sub, self._first_device()))
         result = self._step_references(None, strength=0.0 if self.ptx_weight > 0 else None)
         if self.last_stats is not None:
             self.last_stats.activation = act
