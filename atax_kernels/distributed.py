@@ -20,7 +20,7 @@ this module only knows how to reduce: it imports nothing above the DTensor leaf.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, Hashable, Iterable
+from typing import Any, Callable, Hashable
 
 import torch
 

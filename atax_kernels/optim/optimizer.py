@@ -22,9 +22,8 @@ the same coefficients, statistics and EMA fold decisions. ``step()`` is then a c
 """
 from __future__ import annotations
 
-import math
 import warnings
-from typing import Any, Callable, Iterable
+from typing import Any, Callable
 
 import torch
 
