@@ -6,7 +6,7 @@ from typing import Any, Iterable, Sequence
 
 import torch
 
-from . import _validate as V
+from . import _validate as validate
 from .ops import combine_, gram
 
 
@@ -29,10 +29,10 @@ class Subspace:
                 raise TypeError(f"params_or_tensors[{i}] is a {type(t).__name__}, expected a torch.Tensor")
         if isinstance(max_rank, bool) or not isinstance(max_rank, int) or max_rank < 1:
             raise ValueError(f"max_rank must be a positive int, got {max_rank!r}")
-        if dtype is not None and dtype not in V.SUPPORTED_DTYPES:
+        if dtype is not None and dtype not in validate.SUPPORTED_DTYPES:
             raise TypeError(f"dtype must be a floating dtype, got {dtype}")
         self.shapes = [tuple(t.shape) for t in tensors]
-        self.dtypes = [dtype or (t.dtype if t.dtype in V.SUPPORTED_DTYPES else torch.float32) for t in tensors]
+        self.dtypes = [dtype or (t.dtype if t.dtype in validate.SUPPORTED_DTYPES else torch.float32) for t in tensors]
         self.device = tensors[0].device if tensors else torch.device("cpu")
         self.max_rank = max_rank
         self.basis: list[list[torch.Tensor]] = []
@@ -43,7 +43,7 @@ class Subspace:
         return len(self.basis)
 
     def _check_vector(self, vec: Sequence[torch.Tensor], label: str) -> list[torch.Tensor]:
-        lst = V.as_tensor_list(list(vec), label) if not isinstance(vec, torch.Tensor) else [vec]
+        lst = validate.as_tensor_list(list(vec), label) if not isinstance(vec, torch.Tensor) else [vec]
         if len(lst) != len(self.shapes):
             raise ValueError(f"{label} has {len(lst)} tensors but the subspace has {len(self.shapes)}")
         for i, (t, shape) in enumerate(zip(lst, self.shapes)):
@@ -71,7 +71,7 @@ class Subspace:
             raise ValueError(f"unknown evict {evict!r}; expected None or 'oldest'")
         if not (isinstance(tol, (int, float)) and 0 < tol < 1):
             raise ValueError(f"tol must be in (0, 1), got {tol!r}")
-        candidates = V.normalize_refs(vectors, "vectors")
+        candidates = validate.normalize_refs(vectors, "vectors")
         candidates = [self._check_vector(c, f"vectors[{j}]") for j, c in enumerate(candidates)]
         added = 0
         for cand in candidates:

@@ -8,7 +8,7 @@ from typing import Any, Sequence
 
 import torch
 
-from .. import _validate as V
+from .. import _validate as validate
 from .registry import BACKENDS, available_backends, resolve
 from .remove_span import remove_span_
 
@@ -20,7 +20,7 @@ def _vector_lists(vectors: Any, name: str) -> list[list[torch.Tensor]]:
         raise TypeError(f"{name} must be a sequence of tensor lists, got {type(vectors).__name__}")
     if len(vectors) == 0:
         raise ValueError(f"{name} is empty: give at least one tensor list")
-    return [V.as_tensor_list(v, f"{name}[{j}]") for j, v in enumerate(vectors)]
+    return [validate.as_tensor_list(v, f"{name}[{j}]") for j, v in enumerate(vectors)]
 
 
 def gram(
@@ -40,7 +40,7 @@ def gram(
         float64 ``[m, m]`` Gram of the concatenated vectors (or ``[n_tensors, m, m]``), on their device.
     """
     lists = _vector_lists(vectors, "vectors")
-    V.check_parallel(lists[0], "vectors[0]", lists[1:], [f"vectors[{j}]" for j in range(1, len(lists))])
+    validate.check_parallel(lists[0], "vectors[0]", lists[1:], [f"vectors[{j}]" for j in range(1, len(lists))])
     m, n = len(lists), len(lists[0])
     if n == 0:
         shape = (0, m, m) if per_tensor else (m, m)
@@ -72,9 +72,9 @@ def combine_(
             its index; nothing is modified. ``project_`` never passes one (it skips non-finite problems
             before combining). The check reads the coefficients on the host: one synchronisation on a GPU.
     """
-    targets = V.as_tensor_list(target, "target")
+    targets = validate.as_tensor_list(target, "target")
     lists = _vector_lists(vectors, "vectors")
-    V.check_parallel(targets, "target", lists, [f"vectors[{j}]" for j in range(len(lists))])
+    validate.check_parallel(targets, "target", lists, [f"vectors[{j}]" for j in range(len(lists))])
     if not isinstance(coefs, torch.Tensor):
         raise TypeError(f"coefs must be a torch.Tensor, got {type(coefs).__name__}")
     k, n = len(lists), len(targets)
@@ -92,7 +92,7 @@ def combine_(
         where = [tuple(i) if len(i) > 1 else i[0] for i in torch.nonzero(bad).tolist()]
         raise ValueError(f"coefs has non-finite values (NaN/inf) at {where[:8]}; the targets they apply to "
                          f"would become non-finite, so nothing was written")
-    V.check_no_overlap(targets, "target", lists, [f"vectors[{j}]" for j in range(len(lists))])
+    validate.check_no_overlap(targets, "target", lists, [f"vectors[{j}]" for j in range(len(lists))])
     dtypes = {t.dtype for lst in [targets, *lists] for t in lst}
     impl = resolve(backend, device, dtypes)
     impl.combine_(targets, lists, coefs.to(torch.float64).contiguous())

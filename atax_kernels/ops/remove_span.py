@@ -17,7 +17,7 @@ from typing import Any, Sequence
 
 import torch
 
-from .. import _validate as V
+from .. import _validate as validate
 from .cpp import remove_span_cpp, remove_span_present
 from .registry import resolve_remove_span
 from .remove_span_torch import remove_span_torch
@@ -35,7 +35,7 @@ def _check_inputs(targets: Any, bases: Any) -> tuple[list[torch.Tensor], list[to
     if len(tl) != len(bl):
         raise ValueError(f"targets has {len(tl)} tensors but bases has {len(bl)}; give one basis (or None) per target")
     for i, t in enumerate(tl):
-        V.check_tensor(t, f"targets[{i}]")
+        validate.check_tensor(t, f"targets[{i}]")
         if t.dim() != 2:
             raise ValueError(f"targets[{i}] has shape {tuple(t.shape)}; expected a 2-D [d_out, d_in] tensor")
     device = tl[0].device if tl else None
@@ -49,7 +49,7 @@ def _check_inputs(targets: Any, bases: Any) -> tuple[list[torch.Tensor], list[to
             raise TypeError(f"bases[{i}] is a {type(u).__name__}, expected a torch.Tensor or None")
         if u.layout != torch.strided:
             raise TypeError(f"bases[{i}] is a sparse/non-strided tensor (layout {u.layout}); expected a dense tensor")
-        if u.dtype not in V.SUPPORTED_DTYPES:
+        if u.dtype not in validate.SUPPORTED_DTYPES:
             raise TypeError(
                 f"bases[{i}] has dtype {u.dtype}; expected a floating dtype (float32, bfloat16, float16 or float64)"
             )
@@ -68,7 +68,7 @@ def _check_inputs(targets: Any, bases: Any) -> tuple[list[torch.Tensor], list[to
         if u.device != t.device:
             raise ValueError(f"bases[{i}] is on {u.device} but targets[{i}] is on {t.device}")
     empty = torch.empty(0)
-    V.check_no_overlap(tl, "targets", [[empty if u is None else u for u in bl]], ["bases"])
+    validate.check_no_overlap(tl, "targets", [[empty if u is None else u for u in bl]], ["bases"])
     return tl, bl
 
 

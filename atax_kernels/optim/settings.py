@@ -6,7 +6,7 @@ from typing import Any, Callable
 
 import torch
 
-from .. import _validate as V
+from .. import _validate as validate
 from ..projection import GRANULARITIES, MODES
 from ..subspace import Subspace
 
@@ -38,11 +38,11 @@ def check_settings(optimizer: Any, *, mode: str, strength: float, granularity: s
     """Raise TypeError/ValueError naming the bad argument; returns the checked strength."""
     if not isinstance(optimizer, torch.optim.Optimizer):
         raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
-    V.check_choice(mode, "mode", MODES)
-    V.check_choice(granularity, "granularity", GRANULARITIES)
-    V.check_choice(target, "target", TARGETS)
-    V.check_choice(reference, "reference", REFERENCE_KINDS)
-    strength = V.check_strength(strength)
+    validate.check_choice(mode, "mode", MODES)
+    validate.check_choice(granularity, "granularity", GRANULARITIES)
+    validate.check_choice(target, "target", TARGETS)
+    validate.check_choice(reference, "reference", REFERENCE_KINDS)
+    strength = validate.check_strength(strength)
     if isinstance(ptx_weight, bool) or not isinstance(ptx_weight, (int, float)) or not ptx_weight >= 0 \
             or not math.isfinite(ptx_weight):
         raise ValueError(f"ptx_weight must be a finite number >= 0, got {ptx_weight!r}")
@@ -53,7 +53,7 @@ def check_settings(optimizer: Any, *, mode: str, strength: float, granularity: s
         )
     if not (isinstance(ema_beta, (int, float)) and 0.0 <= ema_beta < 1.0):
         raise ValueError(f"ema_beta must be in [0, 1), got {ema_beta!r}")
-    if reference_dtype is not None and reference_dtype not in V.SUPPORTED_DTYPES:
+    if reference_dtype is not None and reference_dtype not in validate.SUPPORTED_DTYPES:
         raise TypeError(f"reference_dtype must be a floating dtype, got {reference_dtype}")
     if isinstance(max_references, bool) or not isinstance(max_references, int) or max_references < 1:
         raise ValueError(f"max_references must be a positive int, got {max_references!r}")
@@ -70,7 +70,7 @@ def check_settings(optimizer: Any, *, mode: str, strength: float, granularity: s
     if isinstance(refresh_every, bool) or not isinstance(refresh_every, int) or refresh_every < 1:
         raise ValueError(f"refresh_every must be a positive int, got {refresh_every!r}")
     if backend is not None:
-        V.check_choice(backend, "backend", ("torch", "cpu", "cuda", "triton"))
+        validate.check_choice(backend, "backend", ("torch", "cpu", "cuda", "triton"))
     return strength
 
 
@@ -87,7 +87,7 @@ def check_activation_settings(optimizer: Any, activation_subspace: Any, activati
             [p for group in optimizer.param_groups for p in group["params"]], where="this optimizer")
     if activation_target is None:
         activation_target = "grad" if ptx_weight > 0 else "update"
-    V.check_choice(activation_target, "activation_target", ("update", "grad"))
+    validate.check_choice(activation_target, "activation_target", ("update", "grad"))
     if activation_subspace is not None and ptx_weight > 0 and activation_target == "update":
         raise ValueError(
             "ptx_weight > 0 with activation_target='update' would project the PTX part of the update away "

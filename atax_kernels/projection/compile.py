@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from .. import _validate as V
+from .. import _validate as validate
 from .core import project_impl
 from .stats import ProjectionStats
 
@@ -43,7 +43,7 @@ def _project_op_fake(grads, refs, k, projection_mode, strength, granularity, bac
 
 def project_compiled(grads, refs, mode, strength, granularity, backend) -> ProjectionStats:
     grad_list = list(grads) if not isinstance(grads, torch.Tensor) else [grads]
-    ref_lists = V.normalize_refs(refs, "refs")
+    ref_lists = validate.normalize_refs(refs, "refs")
     flat = [t for lst in ref_lists for t in lst]
     out = _project_op(grad_list, flat, len(ref_lists), mode, float(strength), granularity, backend)
     return ProjectionStats(**dict(zip(_STAT_FIELDS, out)))

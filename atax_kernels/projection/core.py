@@ -6,7 +6,7 @@ from typing import Any, Callable
 
 import torch
 
-from .. import _validate as V
+from .. import _validate as validate
 from .. import distributed as _dist
 from ..ops.registry import Backend, resolve
 from .solve import coefs_one_reference, solve_coefs, split_gram
@@ -23,7 +23,7 @@ def project_impl(
     reduce_grams: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> ProjectionStats:
     """``project_`` without the compile dispatch; ``reduce_grams`` sums local Grams across ranks."""
-    grad_list = V.as_tensor_list(grads, "grads")
+    grad_list = validate.as_tensor_list(grads, "grads")
     from ..subspace import Subspace
 
     # The no-solve shortcut needs a basis stored precisely enough to be orthonormal (not bf16/fp16).
@@ -36,19 +36,19 @@ def project_impl(
         # No gradients (a fully frozen model): nothing to project, so empty references are no error.
         ref_lists: list[list[torch.Tensor]] = []
     else:
-        ref_lists = V.normalize_refs(refs, "refs")
-    mode = V.check_choice(mode, "mode", MODES)
-    granularity = V.check_choice(granularity, "granularity", GRANULARITIES)
-    alpha = V.check_strength(strength)
+        ref_lists = validate.normalize_refs(refs, "refs")
+    mode = validate.check_choice(mode, "mode", MODES)
+    granularity = validate.check_choice(granularity, "granularity", GRANULARITIES)
+    alpha = validate.check_strength(strength)
     labels = [f"refs[{j}]" for j in range(len(ref_lists))] if len(ref_lists) > 1 else ["refs"]
-    V.check_parallel(grad_list, "grads", ref_lists, labels)
+    validate.check_parallel(grad_list, "grads", ref_lists, labels)
     wrap_impl = None
     if _dist.has_dtensor(grad_list, ref_lists):  # FSDP2/HSDP: shard-local tensors, globally reduced Gram
         grad_list, ref_lists, reduce_grams, wrap_impl = _dist.localize(grad_list, ref_lists, labels, reduce_grams)
     k, n = len(ref_lists), len(grad_list)
     if n == 0:
         return unprojected_stats(torch.device("cpu"), k)
-    V.check_no_overlap(grad_list, "grads", ref_lists, labels)
+    validate.check_no_overlap(grad_list, "grads", ref_lists, labels)
     device = grad_list[0].device
     dtypes = {t.dtype for lst in [grad_list, *ref_lists] for t in lst}
     impl = resolve(backend, device, dtypes)

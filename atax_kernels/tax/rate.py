@@ -7,7 +7,7 @@ from typing import Any, Sequence
 
 import torch
 
-from .. import _validate as V
+from .. import _validate as validate
 from ..ops import gram
 
 __all__ = ["TaxRate", "tax_rate"]
@@ -68,7 +68,7 @@ def _gradient_lists(grads: Any, name: str) -> list[list[torch.Tensor]]:
                 raise TypeError(f"{name}[{j}][{i}] is a {type(t).__name__ if t is not None else 'None'}, "
                                 f"expected a torch.Tensor")
             lst.append(t.detach())
-        out.append(V.as_tensor_list(lst, f"{name}[{j}]"))
+        out.append(validate.as_tensor_list(lst, f"{name}[{j}]"))
     return out
 
 
@@ -137,7 +137,7 @@ def tax_rate(
     s = _gradient_lists(safety_grads, "safety_grads")
     c = _gradient_lists(capability_grads, "capability_grads")
     labels = [f"safety_grads[{j}]" for j in range(1, len(s))] + [f"capability_grads[{j}]" for j in range(len(c))]
-    V.check_parallel(s[0], "safety_grads[0]", s[1:] + c, labels)
+    validate.check_parallel(s[0], "safety_grads[0]", s[1:] + c, labels)
     if len(s[0]) == 0:
         raise ValueError("the gradients hold no tensors")
     if rtol is None:
