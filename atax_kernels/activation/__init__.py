@@ -53,8 +53,12 @@ block until it holds ``energy`` of the (exact) trace. Contrast > 0 always uses t
 Distributed: ``update()`` sums the second moments and token counts over the data-parallel group (one
 all-reduce of one flat float64 buffer), so every replica computes the same basis.
 
-Layout: ``subspace`` (the object), ``stats`` (``ActivationStats``), ``apply`` (snapshot, inner step, projected
-update; refresh from a forward: what optimizers and trainers call).
+Layout (imports go down this list): ``apply`` (what optimizers and trainers call: snapshot, inner step,
+projected update; empty stats; refresh from a forward), ``subspace`` (``ActivationSubspace``: construction and
+checks, made of the mixins below), ``loaders`` (observe a loader), ``state`` (state_dict), ``report`` (ranks,
+coverage, memory), ``project`` (``project_updates_``), ``bases`` (``update()``), ``moments`` (hooks, masked
+accumulation, all-reduce), ``discovery`` (module kinds, shared inputs), ``inputs`` (the per-module and
+per-input records), ``eigen`` (rank selection, eigh, subspace iteration), ``settings``, ``stats``.
 """
 from __future__ import annotations
 

@@ -1,11 +1,12 @@
-"""``ActivationStats``: what the activation projection did in one optimizer step (ranks, removed fractions)."""
+"""``ActivationStats``: what the activation projection did in one optimizer step (ranks, removed fractions), and
+the float64 squared norm its rows are made of."""
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 import torch
 
-__all__ = ["ActivationStats"]
+__all__ = ["ActivationStats", "sq_norm"]
 
 
 @dataclass
@@ -35,3 +36,9 @@ class ActivationStats:
         """Largest basis rank a LoRA B update is projected off (0 with ``lora="input"``); None without LoRA."""
         r = [v for k, v in self.ranks.items() if k.endswith(".lora_B")]
         return max(r) if r else None
+
+
+def sq_norm(t: torch.Tensor) -> torch.Tensor:
+    """``|t|^2`` summed in float64 (a 0-dim tensor on ``t``'s device; 0 for an empty ``t``)."""
+    return torch.sum(t.to(torch.float64) ** 2) if t.numel() else torch.zeros((), dtype=torch.float64,
+                                                                             device=t.device)

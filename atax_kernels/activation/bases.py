@@ -1,0 +1,125 @@
+"""Turning what was observed into bases (``update()``): per distinct input the eigenvectors holding ``energy`` of
+its normalised second moment (optionally contrasted with the safety side, optionally averaged over updates);
+for LoRA layers ``lora_A`` confined off the input basis or the bases of ``A x``; for embeddings the protected
+tokens."""
+from __future__ import annotations
+
+import warnings
+
+import torch
+
+from .._dtensor import local
+from .eigen import top_basis
+from .inputs import ProtectedModule
+from .moments import normalised_moments
+from .settings import SIDES
+from .stats import sq_norm
+
+__all__ = ["BasesMixin"]
+
+
+class BasesMixin:
+    """``update()`` and what it computes (part of ``ActivationSubspace``)."""
+
+    def update(self, decay: float = 0.0) -> None:
+        """Recompute the bases from the second moments observed since the previous ``update()``.
+
+        Args:
+            decay: 0 (default) uses only what was observed since the last update; ``decay`` in (0, 1) keeps an
+                exponential average ``M <- decay * M + (1 - decay) * C / n`` of the normalised moments.
+
+        Inputs with nothing observed keep their previous basis. Under ``torch.distributed`` the moments and
+        counts are summed over the data-parallel group first (a collective call: every rank must call it).
+        """
+        if isinstance(decay, bool) or not isinstance(decay, (int, float)) or not (0.0 <= decay < 1.0):
+            raise ValueError(f"decay must be a number in [0, 1), got {decay!r}")
+        if self._observing is not None:
+            raise RuntimeError("update() inside observe(): leave the observe() context first")
+        self._all_reduce()
+        for g in self._groups:
+            cur = normalised_moments(g, decay)
+            if cur is None:
+                continue
+            m = cur["capability"]
+            if m is None:
+                continue
+            if self.contrast > 0 and cur["safety"] is not None:
+                m = m - self.contrast * cur["safety"]
+                psd = False
+            else:
+                psd = True
+            g.basis = self._basis(m, g.basis, psd, g.floor).to(self.basis_dtype)
+            g.moment = m
+        for e in self._entries:
+            if e.kind == "lora" and self.lora == "both" and e.group.moment is not None:
+                self._lora_b_bases(e)
+            elif e.kind == "lora" and self.lora == "input":
+                self._confine_lora_a(e)
+            elif e.kind == "embedding":
+                self._tokens(e, decay)
+        for g in self._groups:
+            g.moment = None
+            for s in SIDES:
+                g.acc[s], g.count[s] = None, 0.0
+        self.updates += 1
+        self._saturation_checks = 3
+
+    def _basis(self, m: torch.Tensor, prev: torch.Tensor | None, psd: bool, floor: float = 1e-12) -> torch.Tensor:
+        # EIGH_MAX_DIM read from the object: an instance may lower it (tests reach subspace iteration cheaply)
+        return top_basis(m, prev, psd, floor, energy=self.energy, max_rank=self.max_rank,
+                         eigh_max_dim=self.EIGH_MAX_DIM)
+
+    def _lora_b_bases(self, e: ProtectedModule) -> None:
+        m = e.group.moment
+        for a, lin in e.module.lora_A.items():
+            A = lin.weight.detach().to(torch.float64)
+            mb = A @ m @ A.t()
+            e.lora_b_bases[a] = self._basis(mb, None, False, e.group.floor).to(self.basis_dtype)
+
+    @torch.no_grad()
+    def _confine_lora_a(self, e: ProtectedModule) -> None:
+        """``lora="input"``: rows of every ``lora_A`` off the input basis, so ``B A x = 0`` on the span."""
+        u = e.group.basis
+        if u is None or u.shape[1] == 0:
+            return
+        for a, lin in e.module.lora_A.items():
+            w = local(lin.weight.detach())  # FSDP2 shards A by rows: each row's projection is local
+            wd = torch.float64 if w.dtype == torch.float64 else torch.float32
+            uu = u.to(w.device, wd)
+            before = float(sq_norm(w))
+            wf = w.to(wd)
+            w.copy_((wf - (wf @ uu) @ uu.t()).to(w.dtype))
+            if before > 0 and float(sq_norm(w)) <= 1e-6 * before:
+                warnings.warn(
+                    f"{e.name}.lora_A.{a}: the protected basis (rank {u.shape[1]} of d_in {e.d_in}) covers every "
+                    f"direction its rows had, so the adapter has no room to learn in; lower energy or max_rank",
+                    UserWarning, stacklevel=3)
+
+    def _tokens(self, e: ProtectedModule, decay: float) -> None:
+        freq: dict[str, torch.Tensor | None] = {}
+        any_new = False
+        for s in SIDES:
+            c = e.counts[s]
+            new = c / c.sum() if c is not None and float(c.sum()) > 0 else None
+            any_new = any_new or new is not None
+            if decay > 0:
+                if new is not None:
+                    e.ema_counts[s] = new if e.ema_counts[s] is None else \
+                        e.ema_counts[s].mul_(decay).add_(new, alpha=1.0 - decay)
+                freq[s] = e.ema_counts[s]
+            else:
+                freq[s] = new
+            e.counts[s] = None
+        if not any_new or freq["capability"] is None:
+            return
+        score = freq["capability"]
+        if self.contrast > 0 and freq["safety"] is not None:
+            score = score - self.contrast * freq["safety"]
+        if self.energy == 0:
+            e.tokens = torch.zeros(0, dtype=torch.long, device=score.device)
+            return
+        order = torch.argsort(score, descending=True, stable=True)
+        n_pos = int((score > 0).sum())
+        if self.max_rank is not None:
+            n_pos = min(n_pos, self.max_rank)
+        e.tokens = torch.sort(order[:n_pos]).values.to(e.module.weight.device)
