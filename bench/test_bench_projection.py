@@ -3,7 +3,7 @@
     .venv/bin/python -m pytest bench/test_bench_projection.py --benchmark-only
     ATAX_BENCH_SCALE=0.1 .venv/bin/python -m pytest bench/ --benchmark-only --benchmark-group-by=param:case
 
-Shares its cases, data and implementations with `python -m atax_kernels.bench` (atax_kernels/bench/core.py).
+Shares its cases, data and implementations with `python -m atax_kernels.bench` (atax_kernels/bench/).
 Small sizes by default (ATAX_BENCH_SCALE, default 0.01 of GPT-2 small = ~1.3 M elements in 148 tensors).
 Every benchmark first checks its result against the seed reference, so a fast-but-wrong kernel fails.
 """
@@ -15,24 +15,24 @@ import os
 import pytest
 import torch
 
-from atax_kernels.bench import core
+from atax_kernels.bench import baselines, cases, cli, impls, memory, timing
 
 SCALE = float(os.environ.get("ATAX_BENCH_SCALE", "0.01"))
 DEVICE = os.environ.get("ATAX_BENCH_DEVICE", "cpu")
 
-CASES = [core.Case("gpt2-small", d, k, SCALE, DEVICE) for d in ("fp32", "bf16") for k in (1, 4)]
-IMPLS = [core.SEED, core.FOREACH] + [core.atax_name(b) for b in core.default_backends(DEVICE)]
+CASES = [cases.Case("gpt2-small", d, k, SCALE, DEVICE) for d in ("fp32", "bf16") for k in (1, 4)]
+IMPLS = [impls.SEED, impls.FOREACH] + [impls.atax_name(b) for b in impls.default_backends(DEVICE)]
 
-_data_cache: dict[core.Case, tuple] = {}
+_data_cache: dict[cases.Case, tuple] = {}
 
 
-def _data(case: core.Case):
+def _data(case: cases.Case):
     """grads, refs, pristine copy and the seed's result, built once per case."""
     if case not in _data_cache:
         _data_cache.clear()  # keep one case in memory at a time
-        grads, refs = core.make_data(case)
+        grads, refs = cases.make_data(case)
         pristine = [g.clone() for g in grads]
-        core.seed_project_(grads, refs)
+        baselines.seed_project_(grads, refs)
         seed_out = [g.clone() for g in grads]
         _data_cache[case] = (grads, refs, pristine, seed_out)
     return _data_cache[case]
@@ -42,15 +42,15 @@ def _data(case: core.Case):
 @pytest.mark.parametrize("case", CASES, ids=lambda c: f"{c.dtype}-k{c.k}")
 def test_projection(benchmark, case, impl):
     grads, refs, pristine, seed_out = _data(case)
-    fn = core.impl_by_name(impl, case.k)
+    fn = impls.impl_by_name(impl, case.k)
 
     def restore():
         torch._foreach_copy_(grads, pristine)
 
     restore()
     fn(grads, refs)
-    err = core.rel_err(grads, seed_out)
-    assert err <= core.TOLERANCE[case.dtype], f"{impl} differs from the seed: rel err {err:.2e}"
+    err = impls.rel_err(grads, seed_out)
+    assert err <= impls.TOLERANCE[case.dtype], f"{impl} differs from the seed: rel err {err:.2e}"
 
     benchmark.group = case.name
     benchmark.extra_info.update(numel=case.numel, min_traffic_bytes=case.min_traffic_bytes, rel_err=err)
@@ -59,7 +59,7 @@ def test_projection(benchmark, case, impl):
 
 @pytest.mark.parametrize("case", CASES[:1], ids=lambda c: f"{c.dtype}-k{c.k}")
 def test_stream_floor(benchmark, case):
-    floor = core.StreamFloor(case.numel, case.device)
+    floor = timing.StreamFloor(case.numel, case.device)
     benchmark.group = case.name
     benchmark.extra_info.update(bytes_per_call=floor.bytes_per_call)
     benchmark.pedantic(floor, rounds=10, warmup_rounds=2, iterations=1)
@@ -68,7 +68,7 @@ def test_stream_floor(benchmark, case):
 def test_cli_smoke(tmp_path, capsys):
     """The CLI end to end on a tiny case: table on stdout, JSON and markdown written, no mismatch."""
     js, md = tmp_path / "r.json", tmp_path / "r.md"
-    rc = core.main(
+    rc = cli.main(
         ["--scale", "0.002", "--dtype", "fp32", "--k", "1", "--repeat", "1", "--warmup", "0",
          "--no-memory", "--no-progress", "--json", str(js), "--markdown", str(md), "--device", DEVICE]
     )
@@ -79,13 +79,13 @@ def test_cli_smoke(tmp_path, capsys):
 
 
 def test_gpt2_small_count():
-    assert core.GPT2_SMALL_NUMEL == 124_439_808
-    assert len(core.gpt2_small_shapes()) == 148
+    assert cases.GPT2_SMALL_NUMEL == 124_439_808
+    assert len(cases.gpt2_small_shapes()) == 148
 
 
 def test_memory_child_sees_the_seed_copies():
     """The fresh-process peak-RSS probe: the seed's torch.cat copies are visible (>= 2 gradient copies)."""
-    case = core.Case("gpt2-small", "fp32", 1, 0.05, "cpu")
-    res = core.run_memory_child(case, core.SEED)
+    case = cases.Case("gpt2-small", "fp32", 1, 0.05, "cpu")
+    res = memory.run_memory_child(case, impls.SEED)
     assert "error" not in res, res
     assert res["peak_extra_bytes"] >= 2 * case.numel * 4, res

@@ -38,7 +38,7 @@ def llama7b_shapes(layers: int, shrink: int = 1) -> list[tuple[int, ...]]:
 
 
 def gpt2_shapes(scale: float) -> list[tuple[int, ...]]:
-    from atax_kernels.bench.core import gpt2_small_shapes
+    from atax_kernels.bench.cases import gpt2_small_shapes
 
     return [s for _, s in gpt2_small_shapes(scale)]
 

@@ -4,12 +4,12 @@ from __future__ import annotations
 import json
 import re
 
-from atax_kernels.bench import core, optimizer
+from atax_kernels.bench import cli, optimizer, project
 
 
 def test_projection_bench_cli(tmp_path, capsys):
     js, md = tmp_path / "r.json", tmp_path / "r.md"
-    rc = core.main(["--scale", "0.002", "--dtype", "fp32,bf16", "--k", "1,2", "--repeat", "1", "--warmup", "1",
+    rc = cli.main(["--scale", "0.002", "--dtype", "fp32,bf16", "--k", "1,2", "--repeat", "1", "--warmup", "1",
                     "--no-memory", "--no-progress", "--json", str(js), "--markdown", str(md)])
     out = capsys.readouterr().out
     assert rc == 0, out
@@ -58,12 +58,12 @@ def _parsers():
             argparse.ArgumentParser.parse_args = orig
 
     grab([])
-    return {"bench project": core.build_parser(), "bench remove-span": remove_span.build_parser(),
+    return {"bench project": project.build_parser(), "bench remove-span": remove_span.build_parser(),
             "bench optimizer": captured["optimizer"], "demo": demo.build_parser()}
 
 
 def test_bench_help_lists_every_subcommand(capsys):
-    assert core.main(["--help"]) == 0
+    assert cli.main(["--help"]) == 0
     out = capsys.readouterr().out
     for name in ("project", "remove-span", "optimizer"):
         assert re.search(rf"^\s+{name}\s+\S", out, re.M), (name, out)
@@ -75,11 +75,11 @@ def test_bench_subcommands_dispatch(monkeypatch):
     calls = []
     monkeypatch.setattr(optimizer, "main", lambda argv: calls.append(("optimizer", argv)) or 0)
     monkeypatch.setattr(remove_span, "main", lambda argv: calls.append(("remove-span", argv)) or 0)
-    monkeypatch.setattr(core, "project_main", lambda argv: calls.append(("project", argv)) or 0)
-    assert core.main(["optimizer", "--repeat", "2"]) == 0
-    assert core.main(["remove-span", "--ranks", "4"]) == 0
-    assert core.main(["project", "--quick"]) == 0
-    assert core.main(["--markdown", "x.md"]) == 0      # no subcommand: project (the Makefile's `make bench`)
+    monkeypatch.setattr(project, "main", lambda argv: calls.append(("project", argv)) or 0)
+    assert cli.main(["optimizer", "--repeat", "2"]) == 0
+    assert cli.main(["remove-span", "--ranks", "4"]) == 0
+    assert cli.main(["project", "--quick"]) == 0
+    assert cli.main(["--markdown", "x.md"]) == 0      # no subcommand: project (the Makefile's `make bench`)
     assert calls == [("optimizer", ["--repeat", "2"]), ("remove-span", ["--ranks", "4"]),
                      ("project", ["--quick"]), ("project", ["--markdown", "x.md"])]
 
@@ -88,7 +88,7 @@ def test_unknown_bench_subcommand_is_an_error(capsys):
     import pytest
 
     with pytest.raises(SystemExit):
-        core.main(["projekt"])
+        cli.main(["projekt"])
     assert "unknown subcommand 'projekt'" in capsys.readouterr().err
 
 

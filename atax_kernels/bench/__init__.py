@@ -5,6 +5,7 @@ available atax backend and the stream floor on GPT-2-small-shaped gradient lists
 """
 
 from .baselines import foreach_project_, seed_project_
-from .core import Case, gpt2_small_shapes, main, make_data
+from .cases import Case, gpt2_small_shapes, make_data
+from .cli import main
 
 __all__ = ["Case", "foreach_project_", "gpt2_small_shapes", "main", "make_data", "seed_project_"]

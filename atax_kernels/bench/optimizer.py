@@ -21,7 +21,8 @@ from typing import Sequence
 
 import torch
 
-from .core import _proc_status, _reset_peak_rss, gpt2_small_shapes
+from ._env import environment, proc_status, reset_peak_rss
+from .cases import gpt2_small_shapes
 
 
 def _params(scale: float, seed: int = 0) -> list[torch.nn.Parameter]:
@@ -54,7 +55,8 @@ def _make(kind: str, params, backend: str | None):
     return inner if kind == "plain" else ProjectedOptimizer(inner, backend=backend)
 
 
-def _step(kind: str, opt, params, seed: int) -> None:
+def _prepare_grads(kind: str, opt, params, seed: int) -> None:
+    """The gradients of one step; a wrapped optimizer first captures a reference from other gradients."""
     if kind.startswith("wrapped"):
         _fill_grads(params, seed + 1000)
         opt.capture_reference()
@@ -65,18 +67,19 @@ def memory_child(kind: str, scale: float, backend: str | None) -> dict:
     """Peak RSS growth during one step (after a warm-up step so optimizer state exists)."""
     params = _params(scale)
     opt = _make(kind, params, backend)
-    _step(kind, opt, params, 0)
+    _prepare_grads(kind, opt, params, 0)
     opt.step()
-    _step(kind, opt, params, 1)
-    before = _proc_status()["VmRSS"]
-    ok = _reset_peak_rss()
+    _prepare_grads(kind, opt, params, 1)
+    before = proc_status()["VmRSS"]
+    ok = reset_peak_rss()
     opt.step()
-    peak = _proc_status()["VmHWM"]
+    peak = proc_status()["VmHWM"]
     grad_bytes = sum(p.numel() * p.element_size() for p in params)
     return {"kind": kind, "peak_extra_bytes": max(peak - before, 0) if ok else None, "grad_bytes": grad_bytes}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m atax_kernels.bench optimizer [flags]``: time the four steps, measure memory, print the report."""
     ap = argparse.ArgumentParser(prog="python -m atax_kernels.bench optimizer", description=__doc__.split("\n")[0]
                                  + " (also `python -m atax_kernels.bench.optimizer`).")
     ap.add_argument("--scale", type=float, default=1.0,
@@ -104,31 +107,24 @@ def main(argv: Sequence[str] | None = None) -> int:
     ref = [torch.randn_like(p) for p in params]
     times: dict[str, list[float]] = {"plain AdamW step": [], "project_ alone": [], "wrapped AdamW step": [],
                                      "wrapped no-op step": []}
-    def time_plain(r):
-        _step("plain", plain, params, r)
-        t0 = time.perf_counter()
-        plain.step()
-        return time.perf_counter() - t0
+
+    def time_step(kind, opt, step_params):
+        """A runner that fills the gradients of round ``r`` (untimed), then times one ``opt.step()``."""
+        def run(r):
+            _prepare_grads(kind, opt, step_params, r)
+            t0 = time.perf_counter()
+            opt.step()
+            return time.perf_counter() - t0
+        return run
 
     def time_project(r):
         t0 = time.perf_counter()
         atax_kernels.project_(grads, ref, backend=args.backend)
         return time.perf_counter() - t0
 
-    def time_wrapped(r):
-        _step("wrapped", wrapped, wparams, r)
-        t0 = time.perf_counter()
-        wrapped.step()
-        return time.perf_counter() - t0
-
-    def time_noop(r):
-        _step("wrapped-noop", noop, nparams, r)
-        t0 = time.perf_counter()
-        noop.step()
-        return time.perf_counter() - t0
-
-    runners = {"plain AdamW step": time_plain, "project_ alone": time_project, "wrapped AdamW step": time_wrapped,
-               "wrapped no-op step": time_noop}
+    runners = {"plain AdamW step": time_step("plain", plain, params), "project_ alone": time_project,
+               "wrapped AdamW step": time_step("wrapped", wrapped, wparams),
+               "wrapped no-op step": time_step("wrapped-noop", noop, nparams)}
     order = list(runners)
     for r in range(args.repeat + 1):
         # Rotate the order every round so no implementation always follows the same one (cache/allocator state).
@@ -160,8 +156,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     extra = None
     if mem["plain"]["peak_extra_bytes"] is not None and mem["wrapped"]["peak_extra_bytes"] is not None:
         extra = mem["wrapped"]["peak_extra_bytes"] - mem["plain"]["peak_extra_bytes"]
-
-    from .core import environment
 
     env = environment("cpu", [])
     env["command"] = "python -m atax_kernels.bench.optimizer " + " ".join(argv if argv is not None else sys.argv[1:])

@@ -28,7 +28,9 @@ from typing import Callable, Sequence
 
 import torch
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+from ._cli import add_device_flag, add_dtype_flag, add_report_flags, add_threads_flag
+from ._env import environment, header_lines
+from .cases import DTYPES
 
 
 @dataclass
@@ -233,12 +235,7 @@ def markdown_report(env: dict, probe: dict, records: list[dict], wall_s: float) 
     head = [
         "# atax_kernels remove_span_ benchmark (activation-space projection)",
         "",
-        f"- machine: {env['machine']} (torch threads: {env['torch_threads']})",
-        f"- date: {env['date_utc']}",
-        f"- git commit: {env['git_commit']}",
-        f"- versions: python {env['python']}, torch {env['torch']}, triton {env['triton']}",
-        f"- command: `{env['command']}`",
-        f"- wall time: {wall_s:.1f} s",
+        *header_lines(env, wall_s, with_atax_version=False),
         f"- stream triad: best {probe['bandwidth_GBps_best']:.1f} GB/s (median {probe['bandwidth_GBps_median']:.1f}) "
         f"over {probe['triad_elems']:,} fp32 elements; fp32 matmul {probe['mm_n']}^3: best "
         f"{probe['matmul_GFLOPs_best']:.1f} GFLOP/s (median {probe['matmul_GFLOPs_median']:.1f})",
@@ -257,28 +254,26 @@ def markdown_report(env: dict, probe: dict, records: list[dict], wall_s: float) 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m atax_kernels.bench remove-span", description=__doc__.split("\n")[0]
                                 + " List-valued flags take comma-separated lists.")
-    p.add_argument("--device", default="cpu", help="cpu or cuda[:i] (default cpu)")
+    add_device_flag(p)
     p.add_argument("--models", default="gpt2,llama", help="comma list of gpt2,llama (default both)")
     p.add_argument("--gpt2-layers", type=int, default=12, help="GPT-2 small layers (default 12)")
     p.add_argument("--llama-layers", type=int, default=None,
                    help="Llama-7B-shaped layers (default 2 on CPU, 8 on CUDA; 32 = the full model)")
     p.add_argument("--div", type=int, default=1, help="divide every width by this (tiny runs for tests)")
     p.add_argument("--ranks", default="16,128,1024", help="comma list of r (default 16,128,1024)")
-    p.add_argument("--dtype", default="fp32,bf16", help="comma list of fp32,bf16,fp16 (default fp32,bf16)")
+    add_dtype_flag(p)
     p.add_argument("--backends", default=None, help="comma list of atax backends (default: the device's kernels)")
     p.add_argument("--repeat", type=int, default=3, help="timed rounds (default 3); the tables report the min")
-    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's default)")
+    add_threads_flag(p)
     p.add_argument("--triad-elems", type=int, default=None, help="triad length (default 2^25 CPU, 2^28 CUDA)")
     p.add_argument("--mm-n", type=int, default=None, help="matmul probe size (default 2048 CPU, 8192 CUDA)")
-    p.add_argument("--json", metavar="PATH", help="write records + environment as JSON")
-    p.add_argument("--markdown", metavar="PATH", help="write the markdown report")
+    add_report_flags(p, json_help="write records + environment as JSON", markdown_help="write the markdown report")
     p.add_argument("--no-progress", action="store_true", help="no per-row lines on stderr")
     return p
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from .core import environment
-
+    """``python -m atax_kernels.bench remove-span [flags]``: run, print the table, write the reports."""
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
     if args.repeat < 1:
