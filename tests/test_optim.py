@@ -177,6 +177,16 @@ def test_no_reference_is_a_plain_step():
     assert not bool(opt.last_stats.projected)
 
 
+def test_library_warnings_point_at_the_users_line():
+    model = _model()
+    _, saf = _losses(model)
+    opt = ProjectedOptimizer(torch.optim.SGD(model.parameters(), lr=1e-2))
+    saf().backward()
+    with pytest.warns(UserWarning, match="no references") as record:
+        opt.step()
+    assert record[0].filename == __file__
+
+
 def test_nonfinite_capability_gradient_never_reaches_weights():
     model = _model()
     cap, saf = _losses(model)

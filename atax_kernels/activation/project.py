@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from .._dtensor import is_dtensor, local
+from .._warn import user_stacklevel
 from .discovery import projected_weights
 from .stats import ActivationStats, sq_norm
 
@@ -135,4 +136,4 @@ class ProjectMixin:
         warnings.warn(
             f"ActivationSubspace: this step's projection removed >= {SATURATED_FRACTION:.1%} of the update of every "
             f"protected parameter ({shown}): the model is barely training. {advice}. (Warned once.)",
-            UserWarning, stacklevel=4)
+            UserWarning, stacklevel=user_stacklevel())

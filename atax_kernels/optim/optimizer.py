@@ -30,6 +30,7 @@ import torch
 from .. import distributed as _dist
 from .._dtensor import local
 from .._gradstash import GradStash
+from .._warn import user_stacklevel
 from ..activation.apply import UpdateSnapshot, empty_stats, refresh
 from ..projection import ProjectionStats, project_resolved, unprojected_stats
 from ..references.ema import capture_verdict, fold_ema_
@@ -39,18 +40,6 @@ from .settings import check_activation_settings, check_settings
 
 
 NO_REFERENCES = "no references"
-
-
-def _caller_stacklevel() -> int:
-    """``stacklevel`` of the first frame outside this module and torch's ``no_grad`` wrapper (the user's call)."""
-    import os
-    import sys
-
-    wrapper = os.path.join("torch", "utils", "_contextlib.py")
-    f, level = sys._getframe(1), 1
-    while f is not None and (f.f_code.co_filename == __file__ or f.f_code.co_filename.endswith(wrapper)):
-        f, level = f.f_back, level + 1
-    return level
 
 
 class ProjectedOptimizer(torch.optim.Optimizer):
@@ -430,7 +419,7 @@ class ProjectedOptimizer(torch.optim.Optimizer):
             "ProjectedOptimizer.step(): no references to project against (no capture_reference() since the "
             "last zero_grad()/step(), no EMA yet, no subspace, no reference_fn), so this is a plain, unprojected "
             "step; last_stats.reason says 'no references'. Capture after zero_grad(), not before it. "
-            "(Warned once per optimizer.)", UserWarning, stacklevel=_caller_stacklevel())
+            "(Warned once per optimizer.)", UserWarning, stacklevel=user_stacklevel())
 
     def _refuse_everything_captured(self, params: list[torch.Tensor]) -> None:
         """Captures are pending but no parameter has a gradient: the safety backward ran before capturing."""
