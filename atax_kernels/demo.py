@@ -40,7 +40,8 @@ import torch
 
 from . import tasks as _tasks
 from .interpolate import interpolate_
-from .tasks._common import REFUSE, flush_denormal, make_model
+from .tasks.data import REFUSE, make_model
+from .tasks.training import flush_denormal
 from .tax import expected_calibration_error, mean_entropy, measure_alignment_tax
 
 DEFAULT_LRS = (1e-4, 3e-4, 1e-3)
@@ -566,7 +567,7 @@ def plot(rows: list[dict[str, Any]], path: str) -> None:
 
 def run_info(argv: Sequence[str], wall_s: float) -> dict[str, Any]:
     """Where and how rows were made: machine, date, commit, versions, command, wall time (saved with them)."""
-    from .bench.core import environment
+    from .bench._env import environment
 
     env = environment("cpu", [])
     return dict(env, command=f"python -m atax_kernels.demo {' '.join(argv)}", wall_s=wall_s)

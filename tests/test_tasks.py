@@ -8,7 +8,7 @@ import torch
 pytest.importorskip("transformers")
 
 from atax_kernels import tasks  # noqa: E402
-from atax_kernels.tasks import _common as C  # noqa: E402
+from atax_kernels.tasks import data as C  # noqa: E402
 
 TASKS = [tasks.get(n) for n in tasks.TASKS]
 

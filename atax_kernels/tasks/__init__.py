@@ -11,7 +11,9 @@ Both expose ``splits(seed)``, ``pretrain``, ``finetune_safety(model, splits=...,
 """
 from __future__ import annotations
 
-from ._common import METHODS, ArithmeticTask, Splits
+from .data import Splits
+from .options import METHODS
+from .task import ArithmeticTask
 
 TASKS = ("modular", "overflow")
 

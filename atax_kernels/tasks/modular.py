@@ -31,8 +31,9 @@ from __future__ import annotations
 
 import torch
 
-from ._common import (BOS, EQ, IGNORE, MARKER, P, PLUS, PROMPT_LEN, REFUSE, VOCAB_SIZE, ArithmeticTask, Splits,
-                      module_functions, all_pairs, flush_denormal, make_model, reference_objective)
+from .data import BOS, EQ, IGNORE, MARKER, P, PLUS, PROMPT_LEN, REFUSE, VOCAB_SIZE, Splits, all_pairs, make_model
+from .task import ArithmeticTask, module_functions
+from .training import reference_objective
 
 __all__ = [
     "P", "PLUS", "EQ", "MARKER", "REFUSE", "BOS", "VOCAB_SIZE", "IGNORE", "TASK", "Splits",
@@ -62,18 +63,11 @@ class ModularTask(ArithmeticTask):
     def safety_pairs(self) -> torch.Tensor:
         return all_pairs()
 
-    def capability_prompts(self, pairs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return prompts(pairs, marked=False)
-
-    def safety_prompts(self, pairs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return prompts(pairs, marked=True)
-
-    def pretrain_prompts(self) -> tuple[torch.Tensor, torch.Tensor]:
-        return prompts(all_pairs(), marked=False)
+    def make_prompts(self, pairs: torch.Tensor, *, refuse: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        return prompts(pairs, marked=refuse)
 
 
 TASK = ModularTask()
-_flush_denormal = flush_denormal
 
 
 splits, pretrain, capability_batch, safety_batch, evaluate, finetune_safety = module_functions(TASK)

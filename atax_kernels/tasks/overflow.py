@@ -17,8 +17,9 @@ from __future__ import annotations
 
 import torch
 
-from ._common import (BOS, EQ, IGNORE, P, PLUS, PROMPT_LEN, REFUSE, VOCAB_SIZE, ArithmeticTask, Splits,
-                      module_functions, all_pairs, flush_denormal, make_model, reference_objective)
+from .data import BOS, EQ, IGNORE, P, PLUS, PROMPT_LEN, REFUSE, VOCAB_SIZE, Splits, all_pairs, make_model
+from .task import ArithmeticTask, module_functions
+from .training import reference_objective
 from .modular import prompts as _modular_prompts
 
 __all__ = [
@@ -54,18 +55,11 @@ class OverflowTask(ArithmeticTask):
         pairs = all_pairs()
         return pairs[overflows(pairs)]
 
-    def capability_prompts(self, pairs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return prompts(pairs, refuse=False)
-
-    def safety_prompts(self, pairs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return prompts(pairs, refuse=True)
-
-    def pretrain_prompts(self) -> tuple[torch.Tensor, torch.Tensor]:
-        return prompts(all_pairs(), refuse=False)
+    def make_prompts(self, pairs: torch.Tensor, *, refuse: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        return prompts(pairs, refuse=refuse)
 
 
 TASK = OverflowTask()
-_flush_denormal = flush_denormal
 
 
 splits, pretrain, capability_batch, safety_batch, evaluate, finetune_safety = module_functions(TASK)
