@@ -121,8 +121,10 @@ def test_help_time_estimates_match_the_recorded_runs_and_the_readme():
 
 def test_list_flags_are_comma_separated_and_the_old_task_flag_still_works(monkeypatch):
     seen = {}
-    monkeypatch.setattr(demo, "run", lambda **kw: seen.update(kw) or [])
-    monkeypatch.setattr(demo, "run_info", lambda argv, wall: {"wall_s": wall})
+    from atax_kernels.demo import cli as demo_cli
+
+    monkeypatch.setattr(demo_cli, "run", lambda **kw: seen.update(kw) or [])
+    monkeypatch.setattr(demo_cli, "run_info", lambda argv, wall: {"wall_s": wall})
     demo.main(["--seeds", "0,1,2", "--tasks", "overflow", "--no-progress"])
     assert seen["seeds"] == [0, 1, 2] and seen["task_names"] == ["overflow"]
     demo.main(["--task", "modular", "--no-progress"])

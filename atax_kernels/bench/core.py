@@ -3,7 +3,7 @@
 (workloads), :mod:`.impls` (implementations, correctness), :mod:`.timing`, :mod:`.memory`, :mod:`.report`,
 :mod:`.project` (the ``project`` subcommand) and :mod:`.cli` (the subcommand dispatch); new code imports those."""
 
-from ._env import environment
+from .env import environment
 from .baselines import foreach_project_, seed_project_
 from .cases import DTYPES, GPT2_SMALL_NUMEL, Case, gpt2_small_shapes, make_data
 from .cli import SUBCOMMANDS, main, top_parser

@@ -15,7 +15,7 @@ from typing import Sequence
 import torch
 
 from ._cli import progress_bar
-from ._env import is_cuda, proc_status, reset_peak_rss
+from .env import is_cuda, proc_status, reset_peak_rss
 from .cases import DTYPES, Case, make_data
 from .impls import FLOOR, impl_by_name
 

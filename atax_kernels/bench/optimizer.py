@@ -21,7 +21,7 @@ from typing import Sequence
 
 import torch
 
-from ._env import environment, proc_status, reset_peak_rss
+from .env import environment, proc_status, reset_peak_rss
 from .cases import gpt2_small_shapes
 
 

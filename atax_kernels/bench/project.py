@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 
 from ._cli import add_device_flag, add_dtype_flag, add_report_flags, add_threads_flag, csv, progress_bar
-from ._env import environment, is_cuda
+from .env import environment, is_cuda
 from .cases import DTYPES, GPT2_SMALL_NUMEL, Case, gpt2_small_shapes, make_data
 from .impls import FLOOR, SEED, TOLERANCE, default_backends, implementations, rel_err
 from .memory import measure_memory, memory_child

@@ -29,7 +29,7 @@ from typing import Callable, Sequence
 import torch
 
 from ._cli import add_device_flag, add_dtype_flag, add_report_flags, add_threads_flag
-from ._env import environment, header_lines
+from .env import environment, header_lines
 from .cases import DTYPES
 
 

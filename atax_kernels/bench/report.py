@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import math
 
-from ._env import header_lines
+from .env import header_lines
 from .impls import FLOOR
 
 COLUMNS = ["impl", "median ms", "GB/s", "x floor", "vs seed", "peak extra MB", "% of grad", "check"]

@@ -8,7 +8,7 @@ from typing import Callable
 
 import torch
 
-from ._env import is_cuda
+from .env import is_cuda
 from .cases import Case
 
 
