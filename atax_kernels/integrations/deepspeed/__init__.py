@@ -3,11 +3,15 @@
 ``attach_engine(engine, reference_fn=...)`` (handle.py) patches the engine's ``backward`` (the capability
 micro-step at the start of each accumulation window) and its ZeRO optimizer's ``step`` (the projection, before the
 norm, clipping and update). partitions.py knows where each ZeRO stage keeps a rank's reduced gradient and refuses
-the configurations it does not serve. Importing this package does not import deepspeed. See docs/deepspeed.md.
+the configurations it does not serve; checkpoint.py puts the handle's per-rank state into the engine's
+checkpoints (``engine.save_checkpoint`` / ``load_checkpoint``, patched too). Importing this package does not
+import deepspeed. See docs/deepspeed.md.
 """
 from __future__ import annotations
 
-from .handle import EngineHandle, PartitionedReference, attach_engine, capture_reference
-from .partitions import ZeroPartitions, check_supported
+from .checkpoint import load_reference
+from .handle import EngineHandle, attach_engine, capture_reference
+from .partitions import PartitionedReference, ZeroPartitions, check_supported
 
-__all__ = ["attach_engine", "capture_reference", "EngineHandle", "PartitionedReference", "ZeroPartitions", "check_supported"]
+__all__ = ["attach_engine", "capture_reference", "load_reference", "EngineHandle", "PartitionedReference",
+           "ZeroPartitions", "check_supported"]

@@ -11,6 +11,7 @@ partition group -> the same solve on every rank -> ``combine_`` in place (``proj
 """
 from __future__ import annotations
 
+import functools
 from typing import Any, Callable, Sequence
 
 import torch
@@ -20,21 +21,19 @@ from ...distributed import gram_all_reducer
 from ...ops.registry import resolve
 from ...projection.core import GRANULARITIES, MODES, project_resolved
 from ...projection.stats import ProjectionStats
-from .partitions import ZeroPartitions
+from .checkpoint import load_state, save_state
+from .partitions import PartitionedReference, ZeroPartitions
 
 __all__ = ["attach_engine", "capture_reference", "EngineHandle", "PartitionedReference"]
 
 
-class PartitionedReference:
-    """A capability gradient in the engine's partition layout: this rank's part, one tensor per trainable
-    parameter (see :meth:`ZeroPartitions.views`). Rank-specific: valid only for the engine that captured it."""
+def _patched(original: Callable[..., Any], impl: Callable[..., Any]) -> Callable[..., Any]:
+    """``impl`` under ``original``'s name and signature (the HF Trainer inspects save_checkpoint's parameters)."""
+    @functools.wraps(original)
+    def patched(*args: Any, **kwargs: Any) -> Any:
+        return impl(*args, **kwargs)
 
-    def __init__(self, tensors: list[torch.Tensor]) -> None:
-        self.tensors = tensors
-
-    @property
-    def numels(self) -> list[int]:
-        return [t.numel() for t in self.tensors]
+    return patched
 
 
 class EngineHandle:
@@ -80,12 +79,18 @@ class EngineHandle:
         self._orig_backward = engine.backward
         if engine.__dict__.get("_atax_handle") is not None:
             raise RuntimeError("this engine is already attached: call detach() on its handle first")
-        opt.step = self._step
-        engine.backward = self._backward
+        self._orig_save = engine.save_checkpoint
+        self._orig_load = engine.load_checkpoint
+        opt.step = _patched(self._orig_step, self._step)
+        engine.backward = _patched(self._orig_backward, self._backward)
+        engine.save_checkpoint = _patched(self._orig_save, self._save_checkpoint)
+        engine.load_checkpoint = _patched(self._orig_load, self._load_checkpoint)
         engine.__dict__["_atax_handle"] = self
 
     def _patch_targets(self) -> list[tuple[str, Any, str]]:
-        return [("step", self.engine.optimizer, "step"), ("backward", self.engine, "backward")]
+        e = self.engine
+        return [("step", e.optimizer, "step"), ("backward", e, "backward"), ("save", e, "save_checkpoint"),
+                ("load", e, "load_checkpoint")]
 
     def detach(self) -> None:
         """Restore the engine's ``backward`` and the optimizer's ``step``; the handle stops projecting."""
@@ -141,6 +146,28 @@ class EngineHandle:
             self._window_open = False
         return self._orig_step(*args, **kwargs)
 
+    def _save_checkpoint(self, save_dir: str, tag: Any = None, *args: Any, **kwargs: Any) -> Any:
+        """The engine's checkpoint, then this rank's handle state in the same tag folder (checkpoint.py)."""
+        tag = f"global_step{self.engine.global_steps}" if tag is None else str(tag)  # DeepSpeed's default tag
+        out = self._orig_save(save_dir, tag, *args, **kwargs)
+        save_state(self, save_dir, tag)
+        return out
+
+    def _load_checkpoint(self, load_dir: str, tag: Any = None, *args: Any, **kwargs: Any) -> Any:
+        """The engine's checkpoint, then this rank's handle state when the checkpoint has one."""
+        out = self._orig_load(load_dir, tag, *args, **kwargs)
+        if isinstance(out, tuple) and out and out[0] is None:
+            return out  # DeepSpeed found nothing to load
+        state = load_state(self.partitions, load_dir, tag)
+        if state is not None:
+            self.steps = state["steps"]
+            if self._static is not None and state["references"] is not None:
+                self._static = [PartitionedReference([t.to(self.partitions.device) for t in r])
+                                for r in state["references"]]
+        self._pending = None
+        self._window_open = False
+        return out
+
     def _project(self) -> None:
         refs = self._static if self._static is not None else ([self._pending] if self._pending is not None else [])
         if not refs:
@@ -148,6 +175,9 @@ class EngineHandle:
                                "first engine.backward(loss) (or by handle.capture() before it); was loss.backward() "
                                "called directly instead of engine.backward(loss)?")
         grads = self.partitions.views()
+        if [g.numel() for g in grads] != self.partitions.numels():
+            raise RuntimeError("unexpected ZeRO gradient layout: the partition views do not have the sizes of the "
+                               "parameters' fragments (DeepSpeed version not supported?)")
         for j, ref in enumerate(refs):
             if ref.numels != [g.numel() for g in grads]:
                 raise ValueError(f"reference[{j}] does not match this engine's gradient partition layout "
@@ -218,6 +248,9 @@ def attach_engine(
         reference: instead, fixed reference(s): ``PartitionedReference`` objects from
             :func:`capture_reference` (this rank's partition; the same engine).
         mode, strength, granularity, backend: as in :func:`atax_kernels.project_`.
+
+    ``engine.save_checkpoint``/``load_checkpoint`` (patched too) carry the handle's per-rank state (fixed
+    references, step count) in the checkpoint's tag folder; see checkpoint.py.
 
     Every rank must attach and call ``engine.backward``/``engine.step`` the same way (the Gram is all-reduced
     over the data-parallel group in ``engine.step()``). Refused with the option's name: offload_optimizer,

@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["ZeroPartitions", "check_supported"]
+__all__ = ["PartitionedReference", "ZeroPartitions", "check_supported"]
 
 _STAGE12 = "DeepSpeedZeroOptimizer"
 _STAGE3 = "DeepSpeedZeroOptimizer_Stage3"
@@ -86,6 +86,18 @@ def check_supported(engine: Any) -> None:
         raise NotImplementedError("sequence parallelism is not supported")
 
 
+class PartitionedReference:
+    """A capability gradient in the engine's partition layout: this rank's part, one tensor per trainable
+    parameter (see :meth:`ZeroPartitions.views`). Rank-specific: valid only for the engine that captured it."""
+
+    def __init__(self, tensors: list[torch.Tensor]) -> None:
+        self.tensors = tensors
+
+    @property
+    def numels(self) -> list[int]:
+        return [t.numel() for t in self.tensors]
+
+
 class ZeroPartitions:
     """The local gradient partition of a ZeRO-1/2/3 optimizer as per-parameter views, and its reset."""
 
@@ -105,6 +117,12 @@ class ZeroPartitions:
                                       "groups) are not supported: one Gram all-reduce needs one partition group")
         (self.group,) = groups.values()
         self._index = {id(p): i for i, p in enumerate(self.params)}
+
+    @property
+    def device(self) -> torch.device:
+        """Where the reduced gradient partition lives (the fp32 master's device: offload is refused)."""
+        opt = self.opt
+        return opt.grad_partitions_flat_buffer.device if self.stage3 else opt.single_partition_of_fp32_groups[0].device
 
     # --- reading --------------------------------------------------------------------------------------
 
@@ -158,6 +176,17 @@ class ZeroPartitions:
                 real = max(0, min(size, p.ds_numel - rank * size))  # the last ranks' partitions end in padding
                 out.append(t.view(-1).narrow(0, 0, real))
         return out
+
+    def numels(self) -> list[int]:
+        """The sizes ``views()`` has, known without a gradient (for checking a loaded reference)."""
+        if self.stage3:
+            out = []
+            for p in self.params:
+                size = p.partition_numel()
+                out.append(max(0, min(size, p.ds_numel - self.opt._get_param_partition_rank(p) * size)))
+            return out
+        return [m.hp_fragment_address.numel if (m := getattr(p, "_hp_mapping", None)) is not None else 0
+                for p in self.params]
 
     # --- resetting ------------------------------------------------------------------------------------
 
