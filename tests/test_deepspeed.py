@@ -9,6 +9,7 @@ replicas stay identical.
 """
 from __future__ import annotations
 
+import datetime
 import importlib.util
 import inspect
 import os
@@ -64,9 +65,14 @@ def _init(rank: int, port: int) -> None:
     os.environ.update(DS_ACCELERATOR="cpu", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
                       LOCAL_RANK=str(rank), WORLD_SIZE=str(WORLD), LOCAL_WORLD_SIZE=str(WORLD))
     torch.set_num_threads(1)
+    # a hung collective fails the test in minutes instead of gloo's default 30
     torch.distributed.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
-                                         world_size=WORLD)
-    import deepspeed  # noqa: F401  (after DS_ACCELERATOR is set)
+                                         world_size=WORLD, timeout=datetime.timedelta(seconds=240))
+    import deepspeed  # (after DS_ACCELERATOR is set)
+
+    # DeepSpeed's CPU shared-memory all-reduce serves only inference_all_reduce (AutoTP), not ZeRO: skip its JIT
+    # build (a C++ compile on a fresh machine) and its spin-waiting set-up, which starves a loaded 2-core machine
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
 
 
 # --- model, data, the single-process oracle ------------------------------------------------------------
@@ -87,7 +93,8 @@ def _data(step: int):
 
 def _loss(model, batch):
     x, y = batch
-    return torch.nn.functional.mse_loss(model(x), y)
+    dtype = next(model.parameters()).dtype  # bf16 engines take bf16 inputs
+    return torch.nn.functional.mse_loss(model(x.to(dtype)).float(), y)
 
 
 def _rows(batch, idx):
@@ -137,6 +144,10 @@ def _ds_config(case: dict) -> dict:
     cfg = {"train_micro_batch_size_per_gpu": N // WORLD // case["gas"], "gradient_accumulation_steps": case["gas"],
            "zero_optimization": zero, "steps_per_print": 10 ** 9, "zero_allow_untested_optimizer": True,
            "wall_clock_breakdown": False, "gradient_clipping": case.get("clip", 0.0)}  # DeepSpeed's default is 1
+    if case.get("bf16"):
+        cfg["bf16"] = {"enabled": True}
+        if case.get("accum"):
+            cfg["data_types"] = {"grad_accum_dtype": case["accum"]}
     if case["opt"] == "adamw":
         cfg["optimizer"] = {"type": "AdamW", "params": {"lr": 0.05, "betas": [0.9, 0.999], "eps": 1e-8,
                                                         "weight_decay": 0.01, "torch_adam": True}}
@@ -173,8 +184,22 @@ def _run_case(rank: int, case: dict) -> dict:
         kind = dict(reference=capture_reference(engine, cap_fn))
     else:
         kind = dict(reference_fn=cap_fn)
-    handle = attach_engine(engine, **kind, mode=case["mode"], strength=case.get("strength", 1.0), backend=case.get("backend"),
-                           granularity=case.get("granularity", "global"))
+    handle = attach_engine(engine, **kind, mode=case["mode"], strength=case.get("strength", 1.0),
+                           backend=case.get("backend"), granularity=case.get("granularity", "global"))
+    if case.get("bf16"):
+        # after the projection, the global cosine of the local safety partition with the local reference
+        cosines = out["cosines"] = []
+        inner = handle._project
+
+        def handle_project():
+            inner()
+            views, ref = handle.partitions.views(), handle._pending.tensors
+            dots = torch.stack([sum((a.double() * b.double()).sum() for a, b in zip(x, z))
+                                for x, z in ((views, ref), (ref, ref), (views, views))])
+            torch.distributed.all_reduce(dots)
+            cosines.append(float(dots[0] / (dots[1] * dots[2]).sqrt()))
+
+        handle._project = handle_project
     for step in range(case["steps"]):
         safety, cap = _data(step)
         step_ref.update(cap=cap, cap_rows=mine)
@@ -209,6 +234,16 @@ def _flat(ts):
 
 
 def _check(name: str, case: dict, r0: dict, r1: dict) -> None:
+    if case.get("bf16"):
+        # a 16-bit model: no fp32 oracle; the replicas agree and the projected partition is orthogonal to the
+        # reference up to the rounding of the dtype it is stored in (bf16: 2^-8; fp32 accumulation: ~1e-7)
+        tol = 1e-5 if case.get("accum") == "fp32" else 2e-2
+        for step in range(case["steps"]):
+            assert all(torch.equal(a, b) for a, b in zip(r0["params"][step], r1["params"][step])), name
+            torch.testing.assert_close(r1["coefs"][step], r0["coefs"][step], rtol=0, atol=0)
+            assert float(r0["coefs"][step].abs().max()) > 0, f"{name}: nothing projected"
+            assert abs(r0["cosines"][step]) < tol, f"{name} step {step}: cosine {r0['cosines'][step]}"
+        return
     want = _oracle(case)
     p0 = _flat(_model().parameters())
     for step in range(case["steps"]):
@@ -228,7 +263,8 @@ def _check(name: str, case: dict, r0: dict, r1: dict) -> None:
         assert float((applied - g_want).norm()) <= 1e-5 * float(g_want.norm()), \
             f"{name}: the applied gradient is not the projected one"
         cos = float(applied @ cap) / float(applied.norm() * cap.norm())
-        assert case.get("strength", 1.0) < 1 or abs(cos) < 1e-5, f"{name}: the applied gradient is not orthogonal to the capability gradient ({cos})"
+        assert case.get("strength", 1.0) < 1 or abs(cos) < 1e-5, \
+            f"{name}: the applied gradient is not orthogonal to the capability gradient ({cos})"
         assert float(want["coefs"][0].abs().max()) > 0, f"{name}: nothing was projected: the test is vacuous"
 
 
@@ -254,6 +290,11 @@ def _cases(stage: int) -> dict:
         "adamw_3": dict(stage=stage, opt="adamw", steps=3, mode="orthogonal", gas=1),
         # a fixed reference (capture_reference before attach_engine), kept over two steps
         "sgd_static_2": dict(sgd, steps=2, static=True),
+        # bf16 model: gradients in bf16 pieces; with fp32 accumulation ZeRO-2 uses one flat fp32 buffer
+        # (GradPartitionBufferGroup). ZeRO-1 with fp32 accumulation is DeepSpeed's BF16_Optimizer: refused.
+        "bf16": dict(stage=stage, opt="adamw", steps=2, mode="orthogonal", gas=1, bf16=True),
+        **({"bf16_accum_fp32": dict(stage=stage, opt="adamw", steps=2, mode="orthogonal", gas=1, bf16=True,
+                                    accum="fp32")} if stage > 1 else {}),
     }
 
 
@@ -349,6 +390,10 @@ def _refusal_worker(rank: int, port: int) -> None:
         refused(engine(stage=0), "stage=0")
         refused(engine(stage=2, offload_optimizer={"device": "cpu"}), "offload_optimizer")
         refused(engine(stage=3, offload_optimizer={"device": "cpu"}), "offload_optimizer")
+        model = _model()
+        cfg = _ds_config(dict(stage=1, opt="adamw", gas=1, bf16=True, accum="fp32"))
+        refused(deepspeed.initialize(model=model, model_parameters=model.parameters(), config=cfg)[0],
+                "BF16_Optimizer", "grad_accum_dtype")
 
         eng = engine(stage=2)
         batch = _rows(_data(0)[0], torch.arange(rank * 4, rank * 4 + 4))

@@ -46,6 +46,8 @@ def main() -> None:
 
     from .handle import attach_engine
 
+    # the CPU shared-memory all-reduce only serves inference_all_reduce: skip its JIT build and spin-waiting set-up
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
     deepspeed.init_distributed("gloo")
     rank = torch.distributed.get_rank()
     g = torch.Generator().manual_seed(rank)

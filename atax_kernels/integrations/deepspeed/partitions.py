@@ -50,6 +50,11 @@ def check_supported(engine: Any) -> None:
     opt = getattr(engine, "optimizer", None)
     stage = _cfg(engine, "zero_optimization_stage", 0)
     name = type(opt).__name__
+    if name == "BF16_Optimizer":
+        raise NotImplementedError(
+            "DeepSpeed's BF16_Optimizer (ZeRO-1 or 0 with bf16 and data_types.grad_accum_dtype fp32) keeps the "
+            "gradients in its own fp32 buffers, not in ZeRO's partitions: not supported; use ZeRO-2/3, or ZeRO-1 "
+            "with bf16 gradient accumulation (the default)")
     if name not in (_STAGE12, _STAGE3):
         raise NotImplementedError(
             f"atax's DeepSpeed integration needs a ZeRO stage 1, 2 or 3 optimizer; this engine has zero_optimization."
@@ -71,7 +76,7 @@ def check_supported(engine: Any) -> None:
     if _cfg(engine, "is_deepcompile_active", False):
         raise NotImplementedError("DeepCompile (compile.deepcompile) is not supported: it owns the gradient reduction")
     if getattr(opt, "zenflow", False):
-        raise NotImplementedError("ZenFlow (zero_optimization.zenflow) is not supported: it updates on its own schedule")
+        raise NotImplementedError("ZenFlow (zero_optimization.zenflow) is not supported: it steps on its own schedule")
     if "muon" in type(getattr(opt, "optimizer", None)).__name__.lower():
         raise NotImplementedError("the Muon optimizer is not supported: ZeRO replaces the gradient partition with the "
                                   "Muon update before step(), so there is no gradient left to project")
