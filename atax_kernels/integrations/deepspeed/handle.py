@@ -50,7 +50,7 @@ class EngineHandle:
                  mode: str, strength: float, granularity: str, backend: str | None) -> None:
         if (reference_fn is None) == (reference is None):
             raise ValueError("give exactly one of reference_fn (a callable returning the capability loss, run once "
-                             "per optimizer step) and reference (PartitionedReference(s) from handle.capture())")
+                             "per optimizer step) and reference (PartitionedReference(s) from capture_reference())")
         if reference_fn is not None and not callable(reference_fn):
             raise TypeError(f"reference_fn must be callable, got {type(reference_fn).__name__}")
         self.mode = validate.check_choice(mode, "mode", MODES)
@@ -184,7 +184,7 @@ class EngineHandle:
                                  f"(captured on another engine, rank or model?)")
         ref_lists = [r.tensors for r in refs]
         dtypes = {t.dtype for lst in [grads, *ref_lists] for t in lst}
-        impl = resolve(self.backend, grads[0].device, dtypes)
+        impl = resolve(self.backend, self.partitions.device, dtypes)
         self.last_stats = project_resolved(impl, grads, ref_lists, self.mode, self.alpha, self.granularity,
                                            reduce_grams=self._reduce)
         self.steps += 1
