@@ -14,14 +14,17 @@ def csv(text: str) -> list[str]:
 
 
 def add_device_flag(p: argparse.ArgumentParser) -> None:
+    """``--device``: where the benchmark runs."""
     p.add_argument("--device", default="cpu", help="cpu or cuda[:i] (default cpu)")
 
 
 def add_dtype_flag(p: argparse.ArgumentParser) -> None:
+    """``--dtype``: the comma-separated dtypes to run."""
     p.add_argument("--dtype", default="fp32,bf16", help="comma list of fp32,bf16,fp16 (default fp32,bf16)")
 
 
 def add_threads_flag(p: argparse.ArgumentParser) -> None:
+    """``--threads``: torch intra-op threads."""
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's default)")
 
 

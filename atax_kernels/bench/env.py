@@ -14,12 +14,14 @@ import torch
 
 
 def atax_version() -> str:
+    """``atax_kernels.__version__`` (``"unknown"`` where it has none)."""
     import atax_kernels
 
     return str(getattr(atax_kernels, "__version__", "unknown"))
 
 
 def is_cuda(device: str) -> bool:
+    """Whether ``device`` names a CUDA device."""
     return torch.device(device).type == "cuda"
 
 

@@ -24,6 +24,7 @@ TOLERANCE = {"fp32": 1e-2, "bf16": 5e-2, "fp16": 3e-2}
 
 
 def atax_name(backend: str) -> str:
+    """The display name of an atax backend, ``atax[<backend>]``."""
     return f"atax[{backend}]"
 
 
@@ -37,6 +38,7 @@ def _atax_impl(backend: str, k: int) -> Callable[[list[Tensor], list[list[Tensor
 
 
 def default_backends(device: str) -> list[str]:
+    """The available atax backends that run on ``device`` (``torch`` alone where the registry fails)."""
     try:
         bks = list(atax_kernels.available_backends())
     except Exception as exc:  # a half-landed registry must not stop the baselines from running
@@ -50,6 +52,7 @@ def default_backends(device: str) -> list[str]:
 
 
 def implementations(backends: Sequence[str], k: int) -> dict[str, Callable]:
+    """Display name -> in-place ``fn(grads, refs)``: the seed, stock foreach, then each atax backend."""
     impls: dict[str, Callable] = {SEED: seed_project_, FOREACH: foreach_project_}
     for b in backends:
         impls[atax_name(b)] = _atax_impl(b, k)
@@ -57,6 +60,7 @@ def implementations(backends: Sequence[str], k: int) -> dict[str, Callable]:
 
 
 def impl_by_name(name: str, k: int) -> Callable:
+    """The implementation of one display name (as :func:`implementations` names them); KeyError otherwise."""
     if name == SEED:
         return seed_project_
     if name == FOREACH:

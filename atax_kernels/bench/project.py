@@ -9,7 +9,6 @@ import gc
 import json
 import os
 import statistics
-import sys
 import time
 from typing import Sequence
 

@@ -47,6 +47,7 @@ def _row(r: dict) -> list[str]:
 
 
 def case_title(r: dict) -> str:
+    """A case's heading: device, element and tensor counts, scale and minimum traffic."""
     return (
         f"{r['case']} on {r['device']}: N = {r['numel']:,} in {r['n_tensors']} tensors (scale {r['scale']:g}), "
         f"min traffic {r['min_traffic_bytes'] / 1e6:,.1f} MB"

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import torch
 
-from .data import BOS, EQ, IGNORE, P, PLUS, PROMPT_LEN, REFUSE, VOCAB_SIZE, Splits, all_pairs, make_model
+from .data import BOS, EQ, IGNORE, P, PLUS, REFUSE, VOCAB_SIZE, Splits, all_pairs, make_model
 from .task import ArithmeticTask, module_functions
 from .training import reference_objective
 from .modular import prompts as _modular_prompts

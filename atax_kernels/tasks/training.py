@@ -64,9 +64,11 @@ class FinetuneRun:
         model.train()
 
     def safety(self):
+        """A random ``safety_train`` batch ``(input_ids, labels)``."""
         return self.task.safety_batch(self.splits.safety_train, self.batch_size, generator=self.gen, device=self.device)
 
     def capability(self, batch_size: int | None = None):
+        """A random ``capability_train`` batch (of ``batch_size``, default the run's)."""
         return self.task.capability_batch(self.splits.capability_train, batch_size or self.batch_size,
                                           generator=self.gen, device=self.device)
 
@@ -74,6 +76,8 @@ class FinetuneRun:
         return self.model(input_ids=ids).logits
 
     def mixed_loss(self, *, lr, steps, weight_decay, ptx, kl, base) -> None:
+        """``plain`` / ``ptx`` / ``kl``: AdamW on the safety loss plus ``ptx`` x the capability loss and ``kl`` x
+        KL(policy || base) on the safety batch."""
         opt = torch.optim.AdamW(self.params, lr=lr, weight_decay=weight_decay)
         for _ in range(steps):
             ids, labels = self.safety()
@@ -93,6 +97,8 @@ class FinetuneRun:
 
     def projected(self, *, steps, lr, weight_decay, cap_obj, n_refs, target, mode, strength, granularity,
                   ptx_weight, ref_batch_size, backend, optimizer_kwargs) -> None:
+        """``projected``: :class:`~atax_kernels.ProjectedOptimizer` around AdamW, ``n_refs`` live references
+        captured from ``capability_train`` batches every step."""
         from ..optim import ProjectedOptimizer
 
         base = torch.optim.AdamW(self.params, lr=lr, weight_decay=weight_decay)
@@ -162,6 +168,9 @@ class FinetuneRun:
 
     def activation(self, *, steps, lr, weight_decay, energy, contrast, refresh_every, ptx_weight, backend,
                    optimizer_kwargs) -> None:
+        """``activation``: :class:`~atax_kernels.ActivationSubspace` bases of ``capability_train`` (refreshed every
+        ``refresh_every`` steps), AdamW's realised update projected off them by
+        ``ProjectedOptimizer(activation_subspace=...)``; ``ptx_weight`` adds the PTX term."""
         from ..activation import ActivationSubspace
         from ..activation.apply import refresh
         from ..optim import ProjectedOptimizer
