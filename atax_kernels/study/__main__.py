@@ -107,7 +107,7 @@ def _floats(text: str, what: str) -> tuple[float, ...]:
 
 
 def config_from_args(args: argparse.Namespace, argv: list[str]):
-    from .run import StudyConfig
+    from .config import StudyConfig
 
     tier_name = "full" if args.full else "quick"
     tier = TIERS[tier_name]
@@ -142,7 +142,8 @@ def config_from_args(args: argparse.Namespace, argv: list[str]):
 
 def main(argv: list[str] | None = None) -> int:
     from .report import header, plot, write_json, write_markdown
-    from .run import StudyError, run_study
+    from .config import StudyError
+    from .run import run_study
 
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)

@@ -27,6 +27,7 @@ from typing import Any, Callable, Sequence
 import torch
 import torch.nn.functional as F
 
+from .config import TrainSettings
 from .methods import Method
 
 __all__ = ["IGNORE", "encode", "collate", "batches", "SafetySet", "TrainConfig", "TrainResult", "train",
@@ -119,23 +120,21 @@ class SafetySet:
 
 
 @dataclass
-class TrainConfig:
+class TrainConfig(TrainSettings):
+    """One run: the study's :class:`~atax_kernels.study.config.TrainSettings` plus this run's objective,
+    learning rate, seed and place among the data-parallel ranks."""
+
     objective: str = "sft"
-    steps: int = 30
     lr: float = 1e-5
-    batch_size: int = 8
-    weight_decay: float = 0.0
-    beta: float = 0.1
-    refresh_every: int = 10
-    basis_batches: int = 4
     seed: int = 0
-    backend: str | None = None
     rank: int = 0
     world_size: int = 1
 
 
 @dataclass
 class TrainResult:
+    """What one training run measured (times, extra passes, losses, projection statistics, notes)."""
+
     steps: int
     seconds: float                      # training loop, refreshes included (not the initial basis build)
     seconds_per_step: float             # mean step time without the refreshes
