@@ -20,9 +20,11 @@ def _refuse_unsupported(params_obj: Any, params: list[torch.Tensor], accelerator
         hasattr(p, "ds_id") or hasattr(p, "ds_tensor") for p in params
     ):
         raise NotImplementedError(
-            "DeepSpeed ZeRO is not supported: ZeRO keeps gradients in partitioned flat buffers owned by the engine, "
-            "not in param.grad. The design (a local partial Gram over each rank's partition + one all-reduce) is "
-            "in docs/distributed.md; use DDP or FSDP2 (fully_shard) meanwhile."
+            "project_model_ does not serve DeepSpeed ZeRO: ZeRO keeps the reduced gradients in partitioned flat "
+            "buffers owned by the engine, not in param.grad, and steps inside engine.step(). Use "
+            "atax_kernels.integrations.deepspeed.attach_engine(engine, reference_fn=...) once after "
+            "deepspeed.initialize (it projects each rank's partition inside engine.step(); ZeRO-1/2/3), or "
+            "atax_kernels.hf.attach(trainer, ...) with a Trainer; see docs/deepspeed.md."
         )
     if (process_group is None and dtype.upper().endswith("FSDP") and not getattr(accelerator, "is_fsdp2", False)
             and not has_dtensor([p.grad for p in params if p.grad is not None], [])):

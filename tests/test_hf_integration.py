@@ -421,7 +421,6 @@ def fake_trainer(**args_kw):
 
 
 @pytest.mark.parametrize("make, match", [
-    (lambda: types.SimpleNamespace(**{**vars(fake_trainer()), "is_deepspeed_enabled": True}), "DeepSpeed.*DDP or FSDP"),
     (lambda: fake_trainer(optim="lomo"), "LOMO.*adamw_torch"),
     (lambda: fake_trainer(optim="adalomo"), "LOMO"),
     (lambda: fake_trainer(optim="galore_adamw_layerwise"), "layer-wise GaLore"),
@@ -433,6 +432,38 @@ def fake_trainer(**args_kw):
 def test_refusals(make, match):
     with pytest.raises(NotImplementedError, match=match):
         attach(make(), reference=lambda m: None)
+
+
+def _deepspeed_trainer(zero: dict | None = None):
+    t = types.SimpleNamespace(**{**vars(fake_trainer()), "is_deepspeed_enabled": True})
+    plugin = types.SimpleNamespace(deepspeed_config={"zero_optimization": zero or {"stage": 2}})
+    t.accelerator = types.SimpleNamespace(state=types.SimpleNamespace(deepspeed_plugin=plugin))
+    return t
+
+
+@pytest.mark.parametrize("zero, reference, kw, match", [
+    (None, lambda: EMA([{"x": 1}]), {}, "EMA references are not supported yet"),
+    (None, lambda: Subspace([torch.ones(2, 2), torch.ones(2)], max_rank=1), {}, "Subspace reference"),
+    (None, lambda: (lambda m: None), {"refresh_every": 2}, "refresh_every=2"),
+    ({"stage": 0}, lambda: (lambda m: None), {}, "stage=0"),
+    ({"stage": 3, "offload_optimizer": {"device": "cpu"}}, lambda: (lambda m: None), {}, "offload_optimizer"),
+    ({"stage": 3, "offload_param": {"device": "cpu"}}, lambda: (lambda m: None), {}, "offload_param"),
+])
+def test_deepspeed_refusals_name_what_is_missing(zero, reference, kw, match):
+    """Under DeepSpeed ZeRO, attach() serves live capability references (tests/test_deepspeed_hf.py) and refuses
+    the rest at attach time, naming the option or what is not built."""
+    with pytest.raises(NotImplementedError, match=match):
+        attach(_deepspeed_trainer(zero), reference=reference(), **kw)
+
+
+def test_deepspeed_live_reference_is_accepted():
+    t = _deepspeed_trainer()
+    t.trainer_added = []
+    t.add_callback, t.remove_callback = t.trainer_added.append, t.trainer_added.remove
+    h = attach(t, reference=lambda m: None)
+    assert h.deepspeed and t.trainer_added == [h.callback]
+    h.detach()
+    assert t.trainer_added == []
 
 
 def test_refuses_post_accumulate_grad_hooks_and_accepts_non_reentrant():

@@ -43,6 +43,8 @@ class EngineHandle:
         last_stats: :class:`~atax_kernels.ProjectionStats` of the last projected step (global values, the same
             on every rank), or None.
         steps: optimizer steps projected so far.
+        last_ref_norm: ``[k]`` float64 tensor, the global norms of the references of the last projected step
+            (from the all-reduced Gram's diagonal: no extra pass or collective), or None.
     """
 
     def __init__(self, engine: Any, reference_fn: Callable[[], torch.Tensor] | None,
@@ -70,8 +72,16 @@ class EngineHandle:
         self._pending: PartitionedReference | None = None  # the live reference of the current window
         self._window_open = False  # a safety backward has run since the last optimizer step
         self._capturing = False
-        self._reduce = gram_all_reducer(self.partitions.group)
+        reduce = gram_all_reducer(self.partitions.group)
+
+        def reduce_and_keep(grams: torch.Tensor) -> torch.Tensor:
+            self._last_grams = reduce(grams)   # global Gram(s): the reference norms come from its diagonal
+            return self._last_grams
+
+        self._reduce = reduce_and_keep
+        self._last_grams: torch.Tensor | None = None
         self.last_stats: ProjectionStats | None = None
+        self.last_ref_norm: torch.Tensor | None = None
         self.steps = 0
         opt = engine.optimizer
         self._saved = {name: obj.__dict__.get(attr) for name, obj, attr in self._patch_targets()}
@@ -187,6 +197,10 @@ class EngineHandle:
         impl = resolve(self.backend, self.partitions.device, dtypes)
         self.last_stats = project_resolved(impl, grads, ref_lists, self.mode, self.alpha, self.granularity,
                                            reduce_grams=self._reduce)
+        grams = self._last_grams
+        if grams is not None:
+            total = grams.sum(0) if grams.dim() == 3 else grams    # tensor granularity: [n, k+1, k+1]
+            self.last_ref_norm = torch.diagonal(total)[1:].to(torch.float64).clamp_min(0).sqrt()
         self.steps += 1
 
 

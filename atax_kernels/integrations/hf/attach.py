@@ -13,6 +13,8 @@ from ...projection import GRANULARITIES, MODES
 from ...subspace import Subspace
 from .checks import (check_activation_reference, check_capability_batches, check_supported,
                      refuse_gradient_settings)
+from .deepspeed_step import is_deepspeed
+from .deepspeed_step import refuse as refuse_deepspeed
 from .ema import EMA
 from .handle import AtaxHandle
 from .sources import as_source
@@ -67,8 +69,11 @@ def attach(
         An :class:`AtaxHandle` (``handle.detach()`` undoes everything; ``handle.last_stats``).
 
     Raises:
-        NotImplementedError: DeepSpeed, optimizer-in-backward (LOMO/AdaLomo, layer-wise GaLore, post-accumulate
-            grad hooks), reentrant gradient checkpointing; the message says what to use instead.
+        NotImplementedError: optimizer-in-backward (LOMO/AdaLomo, layer-wise GaLore, post-accumulate
+            grad hooks), reentrant gradient checkpointing; under DeepSpeed ZeRO (served for live capability
+            references, ``refresh_every=1``: the projection runs inside the engine, see docs/deepspeed.md) EMA,
+            Subspace and ActivationSubspace references, ``refresh_every`` > 1, stage 0 and offload; the message
+            says what to use instead.
         TypeError, ValueError: bad arguments (among them a model, a tensor or a zero-argument callable as
             ``reference``), or a trainer that already has atax attached; capability batches (for gradient
             references with the default loss) whose first batch lacks the model's inputs or labels, or is not a
@@ -110,6 +115,8 @@ def attach(
         if reference_dtype is not None:
             warnings.warn("reference_dtype only applies to EMA references", stacklevel=2)
     refuse_gradient_settings(ref, mode=mode, strength=strength, granularity=granularity, log_tax_rate=log_tax_rate)
+    if is_deepspeed(trainer):
+        refuse_deepspeed(trainer, ref, refresh_every)
     check_capability_batches(trainer, ref)
     handle = AtaxHandle(trainer, ref, mode, strength, granularity, refresh_every, reference_dtype, backend)
     handle.log_tax_rate = bool(log_tax_rate)

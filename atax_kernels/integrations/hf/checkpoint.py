@@ -96,6 +96,7 @@ class CheckpointState:
     def _read_checkpoint(self, folder: str) -> None:
         """On resume: read this rank's file from the checkpoint ``folder`` (a warning when it is missing)."""
         path = os.path.join(folder, self._rank_file())
+        self._resume_dir = folder   # DeepSpeed: the engine handle's own file is read at on_train_begin
         if not os.path.isfile(path):
             warnings.warn(f"atax: {path} not found; the reference state starts fresh (the checkpoint was saved "
                           f"without atax attached?)", stacklevel=2)

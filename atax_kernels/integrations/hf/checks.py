@@ -1,5 +1,5 @@
 """What ``attach`` refuses before touching the trainer, each with what to use instead: unsupported trainers
-(DeepSpeed, optimizer-in-backward, reentrant checkpointing), gradient settings given with an
+(optimizer-in-backward, reentrant checkpointing; DeepSpeed's own refusals are in deepspeed_step.py), gradient settings given with an
 ActivationSubspace, capability batches the model cannot take, an ActivationSubspace that would protect nothing."""
 from __future__ import annotations
 
@@ -39,15 +39,11 @@ def check_no_post_accumulate_hooks(params: Iterable[torch.Tensor], found: str) -
 
 
 def check_supported(trainer: Any) -> None:
-    """Refuse DeepSpeed, optimizer-in-backward setups (LOMO/AdaLomo, layer-wise GaLore, post-accumulate-grad
+    """Refuse optimizer-in-backward setups (LOMO/AdaLomo, layer-wise GaLore, post-accumulate-grad
     hooks) and reentrant gradient checkpointing."""
     args = getattr(trainer, "args", None)
-    if getattr(trainer, "is_deepspeed_enabled", False):
-        raise NotImplementedError(
-            "atax attach() does not support DeepSpeed: ZeRO partitions and reduces gradients inside its engine "
-            "(no full .grad after training_step). Use DDP or FSDP2 (accelerate/torchrun without a DeepSpeed "
-            "config), or a custom loop with atax_kernels.ProjectedOptimizer."
-        )
+    # DeepSpeed ZeRO-1/2/3 is served inside the engine (deepspeed_step.py); what it does not serve is refused
+    # there (deepspeed_step.refuse) and by attach_engine (offload, pipeline, MoE, ...).
     optim = str(getattr(getattr(args, "optim", ""), "value", getattr(args, "optim", ""))).lower()
     if "lomo" in optim:
         raise NotImplementedError("atax attach() refuses optim=%r: " % optim

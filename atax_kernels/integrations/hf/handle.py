@@ -11,6 +11,7 @@ from ...activation import ActivationSubspace
 from ...projection import ProjectionStats
 from .activation_step import ActivationStep
 from .checkpoint import CheckpointState
+from .deepspeed_step import DeepSpeedStep, is_deepspeed
 from .gradient_step import GradientStep
 from .logging import LoggingWindow
 
@@ -20,7 +21,7 @@ __all__ = ["AtaxHandle"]
 _MISSING = object()
 
 
-class AtaxHandle(GradientStep, ActivationStep, LoggingWindow, CheckpointState):
+class AtaxHandle(GradientStep, ActivationStep, LoggingWindow, CheckpointState, DeepSpeedStep):
     """Returned by :func:`attach`. ``detach()`` restores the trainer.
 
     Attributes:
@@ -46,6 +47,8 @@ class AtaxHandle(GradientStep, ActivationStep, LoggingWindow, CheckpointState):
         self._attached = False
         self._saved: dict[str, Any] = {}
         self.callback = None
+        #: DeepSpeed ZeRO: the projection runs inside the engine (deepspeed_step.py), attached at on_train_begin.
+        self.deepspeed = is_deepspeed(trainer)
 
     # -- install / uninstall ----------------------------------------------------------------------------
     def _install(self) -> None:
@@ -59,6 +62,10 @@ class AtaxHandle(GradientStep, ActivationStep, LoggingWindow, CheckpointState):
         orig_load = getattr(t, "_load_optimizer_and_scheduler", None)
 
         def training_step(*args: Any, **kwargs: Any) -> Any:
+            if handle.deepspeed:   # the engine projected inside accelerator.backward(): log what it did
+                loss = orig_step(*args, **kwargs)
+                handle._ds_after_training_step()
+                return loss
             with handle._observe_training_batch(args, kwargs):
                 loss = orig_step(*args, **kwargs)
             if t.accelerator.sync_gradients:
@@ -82,10 +89,21 @@ class AtaxHandle(GradientStep, ActivationStep, LoggingWindow, CheckpointState):
             return out
 
         class AtaxCheckpointCallback(TrainerCallback):
-            """Writes the atax reference state into each checkpoint folder."""
+            """Writes the atax reference state into each checkpoint folder; under DeepSpeed, attaches to the
+            engine at train begin (after accelerator.prepare and the checkpoint load) and detaches at train end."""
 
             def on_save(self, args, state, control, **kwargs):
                 handle._write_checkpoint(args, state)
+                return control
+
+            def on_train_begin(self, args, state, control, **kwargs):
+                if handle.deepspeed:
+                    handle._ds_begin()
+                return control
+
+            def on_train_end(self, args, state, control, **kwargs):
+                if handle.deepspeed:
+                    handle._ds_end()
                 return control
 
         t.training_step = training_step
@@ -112,6 +130,7 @@ class AtaxHandle(GradientStep, ActivationStep, LoggingWindow, CheckpointState):
         if getattr(t, "_atax_handle", None) is self:
             del t._atax_handle
         self._remove_activation_hooks()
+        self._ds_end()
         self._attached = False
         self._live = None
 
