@@ -63,12 +63,17 @@ def run(sub, max_steps, resume=None, save_steps=None):
     kw = dict(output_dir=os.path.join(out, sub), per_device_train_batch_size=1, gradient_accumulation_steps=2,
               max_steps=max_steps, learning_rate=0.5, optim="sgd", max_grad_norm=1.0, logging_steps=1,
               report_to=[], use_cpu=True, seed=0, data_seed=0, disable_tqdm=True, dataloader_num_workers=0,
-              ddp_backend="gloo", max_length=32, bf16=False,
+              ddp_backend="gloo", max_length=32, bf16=False, gradient_checkpointing=False,
               save_strategy="steps" if save_steps else "no", save_steps=save_steps or 500)
     if mode != "ddp":
         kw["deepspeed"] = {"train_micro_batch_size_per_gpu": "auto", "train_batch_size": "auto",
                            "gradient_accumulation_steps": "auto", "gradient_clipping": "auto",
                            "zero_optimization": {"stage": stage}, "zero_allow_untested_optimizer": True}
+        if stage == 3:
+            # ZeRO-3's parameter prefetching follows the module trace recorded at the first forward; the capability
+            # forward (model(**batch).loss) and DPO's forward visit modules differently, and with prefetching on
+            # the safety backward then found a parameter released ("size of tensor a (0)"). Not fixed yet.
+            kw["deepspeed"]["zero_optimization"]["stage3_prefetch_bucket_size"] = 0
     trainer = trl.DPOTrainer(model=model, ref_model=copy.deepcopy(model), args=trl.DPOConfig(**kw), train_dataset=ds,
                              processing_class=tok)
     # rank r draws its own capability batches (cycled): DDP and ZeRO both average the ranks' gradients

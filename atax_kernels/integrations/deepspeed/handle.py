@@ -137,6 +137,15 @@ class EngineHandle:
             self._pending = ref
         return ref
 
+    @property
+    def capture_due(self) -> bool:
+        """A live reference is to be captured before this window's first backward (none captured yet, no safety
+        backward run since the last step). The HF path calls :meth:`capture` then, *before* the safety forward:
+        under ZeRO-3 a capability forward + backward between the safety forward and its backward leaves some
+        parameters released for that backward (seen with a Llama model through the HF Trainer)."""
+        return (self.reference_fn is not None and self._pending is None and not self._window_open
+                and not self._capturing)
+
     # --- the patched methods --------------------------------------------------------------------------
 
     def _backward(self, loss: torch.Tensor, *args: Any, **kwargs: Any) -> Any:

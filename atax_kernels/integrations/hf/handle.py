@@ -62,7 +62,10 @@ class AtaxHandle(GradientStep, ActivationStep, LoggingWindow, CheckpointState, D
         orig_load = getattr(t, "_load_optimizer_and_scheduler", None)
 
         def training_step(*args: Any, **kwargs: Any) -> Any:
-            if handle.deepspeed:   # the engine projected inside accelerator.backward(): log what it did
+            if handle.deepspeed:   # the engine projects inside accelerator.backward(): log what it did
+                eh = handle.engine_handle
+                if eh is not None and eh.capture_due:
+                    eh.capture()   # the window's capability micro-step, before the safety forward (ZeRO-3)
                 loss = orig_step(*args, **kwargs)
                 handle._ds_after_training_step()
                 return loss
