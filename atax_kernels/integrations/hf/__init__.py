@@ -41,7 +41,11 @@ loader's own generators), so a resumed run draws the same capability batches, sh
 (random per-batch transforms that draw from the global RNG are not replayed); so is a live reference that is
 reused until the next refresh (``refresh_every > 1``).
 
-Refused (with what to use instead): DeepSpeed, optimizer-in-backward setups (LOMO/AdaLomo, layer-wise GaLore,
+DeepSpeed ZeRO-1/2/3 (accelerate's DeepSpeed plugin): the projection runs inside the engine (deepspeed_step.py,
+``attach_engine`` at ``on_train_begin``), for live capability references; EMA, Subspace, ActivationSubspace,
+``refresh_every`` > 1, stage 0 and offload are refused there with what is missing (docs/deepspeed.md).
+
+Refused (with what to use instead): optimizer-in-backward setups (LOMO/AdaLomo, layer-wise GaLore,
 any parameter with a post-accumulate-grad hook), reentrant gradient checkpointing.
 """
 from __future__ import annotations
