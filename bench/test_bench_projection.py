@@ -69,7 +69,7 @@ def test_cli_smoke(tmp_path, capsys):
     """The CLI end to end on a tiny case: table on stdout, JSON and markdown written, no mismatch."""
     js, md = tmp_path / "r.json", tmp_path / "r.md"
     rc = cli.main(
-        ["--scale", "0.002", "--dtype", "fp32", "--k", "1", "--repeat", "1", "--warmup", "0",
+        ["--scale", "0.002", "--dtype", "fp32", "--k", "1", "--repeat", "1", "--warmup", "1",
          "--no-memory", "--no-progress", "--json", str(js), "--markdown", str(md), "--device", DEVICE]
     )
     out = capsys.readouterr().out

@@ -75,16 +75,16 @@ def test_ext_marker_read_closes_its_file():
 def test_bench_quick_warms_up_and_reports_floor_spread(tmp_path, capsys):
     import json
 
-    from atax_kernels.bench import core
+    from atax_kernels.bench import cli, impls
 
     js = tmp_path / "r.json"
-    rc = core.main(["--quick", "--scale", "0.002", "--dtype", "fp32", "--k", "2", "--repeat", "2",
+    rc = cli.main(["--quick", "--scale", "0.002", "--dtype", "fp32", "--k", "2", "--repeat", "2",
                     "--backends", "torch", "--no-memory", "--no-progress", "--json", str(js)])
     out = capsys.readouterr().out
     assert rc == 0, out
     assert "warmup 1" in out
     records = json.loads(js.read_text())["records"]
-    floor = next(r for r in records if r["impl"] == core.FLOOR)
+    floor = next(r for r in records if r["impl"] == impls.FLOOR)
     n_impls = len(records) - 1
     # Probed before every implementation in every round plus once per round: interleaved, repeatedly.
     assert floor["floor_probes"] == 2 * (n_impls + 1) == len(floor["probe_times_ms"])
@@ -96,10 +96,10 @@ def test_bench_quick_warms_up_and_reports_floor_spread(tmp_path, capsys):
 
 
 def test_bench_refuses_zero_warmup():
-    from atax_kernels.bench import core
+    from atax_kernels.bench import cli, impls
 
     with pytest.raises(SystemExit, match="--warmup >= 1"):
-        core.main(["--scale", "0.002", "--warmup", "0", "--no-memory", "--no-progress"])
+        cli.main(["--scale", "0.002", "--warmup", "0", "--no-memory", "--no-progress"])
 
 
 # --- item 9: measure_alignment_tax ---------------------------------------------------------------------------

@@ -306,10 +306,10 @@ def test_bench_cli_end_to_end(tmp_path, capsys):
     import json
     import re
 
-    from atax_kernels.bench import core
+    from atax_kernels.bench import cli
 
     md, js = tmp_path / "rs.md", tmp_path / "rs.json"
-    rc = core.main(["remove-span", "--div", "64", "--gpt2-layers", "1", "--llama-layers", "1", "--ranks", "4,16",
+    rc = cli.main(["remove-span", "--div", "64", "--gpt2-layers", "1", "--llama-layers", "1", "--ranks", "4,16",
                     "--dtype", "fp32,bf16", "--repeat", "1", "--no-progress", "--markdown", str(md),
                     "--json", str(js)])
     out = capsys.readouterr().out
