@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from .ops import available_backends, combine_, gram
 from .projection import ProjectionStats, project_
-from .subspace import Subspace
+from .references.subspace import Subspace
 from .optim import ProjectedOptimizer
 from .activation import ActivationSubspace
 from .plain import project_model_

@@ -9,7 +9,7 @@ import torch
 from ._gradstash import GradStash
 from .distributed import gram_all_reducer, has_dtensor
 from .projection import ProjectionStats, project_impl
-from .subspace import Subspace
+from .references.subspace import Subspace
 
 __all__ = ["project_model_"]
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import warnings
 from typing import Any
 
-from ..subspace import Subspace
+from ..references.subspace import Subspace
 
 __all__ = ["state_dict", "load_state_dict"]
 

@@ -34,7 +34,7 @@ from .._warn import user_stacklevel
 from ..activation.apply import UpdateSnapshot, empty_stats, refresh
 from ..projection import ProjectionStats, project_resolved, unprojected_stats
 from ..references.ema import capture_verdict, fold_ema_
-from ..subspace import Subspace
+from ..references.subspace import Subspace
 from . import checkpoint
 from .settings import check_activation_settings, check_settings
 

@@ -8,7 +8,7 @@ import torch
 
 from .. import _validate as validate
 from ..projection import GRANULARITIES, MODES
-from ..subspace import Subspace
+from ..references.subspace import Subspace
 
 __all__ = ["TARGETS", "REFERENCE_KINDS", "check_settings", "check_activation_settings"]
 

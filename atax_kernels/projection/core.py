@@ -24,7 +24,7 @@ def project_impl(
 ) -> ProjectionStats:
     """``project_`` without the compile dispatch; ``reduce_grams`` sums local Grams across ranks."""
     grad_list = validate.as_tensor_list(grads, "grads")
-    from ..subspace import Subspace
+    from ..references.subspace import Subspace
 
     # The no-solve shortcut needs a basis stored precisely enough to be orthonormal (not bf16/fp16).
     orthonormal = isinstance(refs, Subspace) and all(d in (torch.float32, torch.float64) for d in refs.dtypes)

@@ -1,2 +1,2 @@
-"""Capability references that are not live gradients: the EMA fold of captured gradients (:mod:`.ema`) and the
-stored orthonormal subspace (:mod:`.subspace`)."""
+"""Gradient-space references that persist across steps: the EMA fold of captured capability gradients
+(:mod:`.ema`) and the stored orthonormal basis :class:`~atax_kernels.Subspace` (:mod:`.subspace`)."""

@@ -6,8 +6,8 @@ from typing import Any, Iterable, Sequence
 
 import torch
 
-from . import _validate as validate
-from .ops import combine_, gram
+from .. import _validate as validate
+from ..ops import combine_, gram
 
 
 class Subspace:

@@ -10,7 +10,7 @@ import torch
 from ... import _validate as validate
 from ...activation import ActivationSubspace
 from ...projection import GRANULARITIES, MODES
-from ...subspace import Subspace
+from ...references.subspace import Subspace
 from .checks import (check_activation_reference, check_capability_batches, check_supported,
                      refuse_gradient_settings)
 from .deepspeed_step import is_deepspeed

@@ -11,7 +11,7 @@ from typing import Any
 import torch
 
 from ...activation import ActivationSubspace
-from ...subspace import Subspace
+from ...references.subspace import Subspace
 from .ema import EMA, source_of
 from .sources import CapabilitySource
 

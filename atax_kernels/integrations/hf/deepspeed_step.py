@@ -26,7 +26,7 @@ from typing import Any
 import torch
 
 from ...activation import ActivationSubspace
-from ...subspace import Subspace
+from ...references.subspace import Subspace
 from .ema import EMA
 from .sources import CapabilitySource
 

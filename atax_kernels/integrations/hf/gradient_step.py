@@ -10,7 +10,7 @@ import torch
 
 from ..._gradstash import GradStash
 from ...projection import project_
-from ...subspace import Subspace
+from ...references.subspace import Subspace
 from .checks import check_no_post_accumulate_hooks
 from .ema import EMA
 from .norms import global_norm

@@ -11,7 +11,7 @@ from typing import Any, Callable
 import torch
 
 from ..._batches import _generators, check_batch
-from ...subspace import Subspace
+from ...references.subspace import Subspace
 
 __all__ = ["CapabilitySource", "as_source", "refuse_model_or_tensor", "binds"]
 
