@@ -39,7 +39,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(
         prog="python -m atax_kernels.demo", description=DESCRIPTION,
         epilog="Time on 2 CPU cores: the default run (both tasks, 1 seed, 300 steps, 3 learning rates) ~3 min "
-        "(180 s measured), plus ~4 min on a fresh clone to set up the venv, build the extension and pretrain the "
+        "(161 s measured), plus ~4 min on a fresh clone to set up the venv, build the extension and pretrain the "
         "two base models (cached under ~/.cache/atax_kernels or $ATAX_CACHE_DIR); --full ~11 min (684 s measured). "
         "List-valued flags take comma-separated lists (--seeds 0,1,2).")
     ap.add_argument("--quick", action="store_true",
