@@ -20,7 +20,6 @@ import json
 import math
 import statistics
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -44,26 +43,16 @@ def gpt2_shapes(scale: float) -> list[tuple[int, ...]]:
 
 
 class Clock:
+    """Median of repeated timed calls; one call is timed by the benchmark's own Timer (CUDA events on GPU)."""
+
     def __init__(self, device: torch.device):
-        self.cuda = device.type == "cuda"
+        from atax_kernels.bench.timing import Timer
+
+        self._timer = Timer(str(device))
 
     def ms(self, fn, repeat: int) -> float:
-        """Median of ``repeat`` timed calls (CUDA events on GPU)."""
-        times = []
-        for _ in range(repeat):
-            if self.cuda:
-                torch.cuda.synchronize()
-                a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                a.record()
-                fn()
-                b.record()
-                b.synchronize()
-                times.append(a.elapsed_time(b))
-            else:
-                t0 = time.perf_counter()
-                fn()
-                times.append((time.perf_counter() - t0) * 1e3)
-        return statistics.median(times)
+        """Median of ``repeat`` timed calls."""
+        return statistics.median(self._timer(fn) for _ in range(repeat))
 
 
 def copy_bandwidth(device: torch.device, nbytes: int, repeat: int) -> float:
