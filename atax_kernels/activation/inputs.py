@@ -42,10 +42,12 @@ class ProtectedModule:
     def __init__(self, name: str, module: nn.Module, kind: str) -> None:
         self.name, self.module, self.kind = name, module, kind
         self.group: DistinctInput | None = None
+        # ZeRO-3 leaves a placeholder weight and keeps the real shape in ds_shape
+        shape = tuple(getattr(module.weight, "ds_shape", None) or module.weight.shape) if kind != "lora" else ()
         if kind == "linear":
-            self.d_in = module.weight.shape[1]
+            self.d_in = shape[1]
         elif kind == "conv1d":
-            self.d_in = module.weight.shape[0]
+            self.d_in = shape[0]
         elif kind == "lora":
             self.d_in = next(iter(module.lora_A.values())).in_features
         else:  # embedding

@@ -12,7 +12,7 @@ partition group -> the same solve on every rank -> ``combine_`` in place (``proj
 from __future__ import annotations
 
 import functools
-from typing import Any, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import torch
 
@@ -23,6 +23,10 @@ from ...projection.core import GRANULARITIES, MODES, project_resolved
 from ...projection.stats import ProjectionStats
 from .checkpoint import load_state, save_state
 from .partitions import PartitionedReference, ZeroPartitions
+
+if TYPE_CHECKING:  # annotations only
+    from ...activation import ActivationSubspace
+    from .activation import ActivationEngineHandle
 
 __all__ = ["attach_engine", "capture_reference", "EngineHandle", "PartitionedReference"]
 
@@ -246,12 +250,12 @@ def attach_engine(
     engine: Any,
     reference_fn: Callable[[], torch.Tensor] | None = None,
     *,
-    reference: PartitionedReference | Sequence[PartitionedReference] | None = None,
+    reference: PartitionedReference | Sequence[PartitionedReference] | "ActivationSubspace" | None = None,
     mode: str = "orthogonal",
     strength: float = 1.0,
     granularity: str = "global",
     backend: str | None = None,
-) -> EngineHandle:
+) -> "EngineHandle | ActivationEngineHandle":
     """Project the safety gradient of a DeepSpeed ZeRO-1/2/3 engine off a capability gradient at every step.
 
     One call after ``deepspeed.initialize``; the loop stays as it is::
@@ -269,7 +273,9 @@ def attach_engine(
             engine). Run once per optimizer step, at the first ``engine.backward`` of the accumulation window
             (one extra forward + backward per step; one clone of the rank's gradient partition in memory).
         reference: instead, fixed reference(s): ``PartitionedReference`` objects from
-            :func:`capture_reference` (this rank's partition; the same engine).
+            :func:`capture_reference` (this rank's partition; the same engine). Or an
+            :class:`~atax_kernels.ActivationSubspace`: activation-space projection of the realised update
+            (:func:`~.activation.attach_activation`; mode, strength and granularity do not apply).
         mode, strength, granularity, backend: as in :func:`atax_kernels.project_`.
 
     ``engine.save_checkpoint``/``load_checkpoint`` (patched too) carry the handle's per-rank state (fixed
@@ -280,4 +286,13 @@ def attach_engine(
     offload_param, pipeline/tensor/sequence parallelism, MoE, Muon, ZenFlow, DeepCompile,
     ``managed_gradient_accumulation=false``. See docs/deepspeed.md.
     """
+    from ...activation import ActivationSubspace
+
+    if isinstance(reference, ActivationSubspace):
+        if reference_fn is not None:
+            raise ValueError("reference=ActivationSubspace takes no reference_fn: refresh its bases with "
+                             "atax_kernels.activation.apply.refresh(subspace, forward) on every rank")
+        from .activation import attach_activation
+
+        return attach_activation(engine, reference, backend=backend)
     return EngineHandle(engine, reference_fn, reference, mode, strength, granularity, backend)

@@ -5,6 +5,9 @@
 Per ZeRO stage, an MLP (``--width``, ``--depth``) trained ``--steps`` steps, AdamW: the median step time of a plain
 loop (safety forward + backward + step) and of the attached one (plus the capability micro-step and the projection),
 the projection's own time (gram + all-reduce + solve + combine on the local partition), and the partition sizes.
+``--activation``: the same for ``attach_activation`` (an ActivationSubspace at energy 0.9 observed on capability
+inputs): step times, this rank's snapshot of the protected fp32 fragments (MiB), the cut rows and the float64
+numbers all-reduced per step.
 """
 from __future__ import annotations
 
@@ -41,6 +44,7 @@ def main() -> None:
     ap.add_argument("--depth", type=int, default=4)
     ap.add_argument("--steps", type=int, default=12)
     ap.add_argument("--stages", type=int, nargs="+", default=[1, 2, 3])
+    ap.add_argument("--activation", action="store_true", help="measure attach_activation instead")
     args = ap.parse_args()
     import deepspeed
 
@@ -53,6 +57,9 @@ def main() -> None:
     g = torch.Generator().manual_seed(rank)
     x, y = torch.randn(16, args.width, generator=g), torch.randn(16, 1, generator=g)
     xc, yc = torch.randn(16, args.width, generator=g), torch.randn(16, 1, generator=g)
+    if args.activation:
+        _activation(args, x, y, xc, rank)
+        args.stages = []
     for stage in args.stages:
         row = {}
         for attached in (False, True):
@@ -92,6 +99,43 @@ def main() -> None:
     # called without an active exception", seen after ZeRO-3 runs), which torchrun would report as a failure.
     sys.stdout.flush()
     os._exit(0)
+
+
+def _activation(args: argparse.Namespace, x: torch.Tensor, y: torch.Tensor, xc: torch.Tensor, rank: int) -> None:
+    from ...activation import ActivationSubspace
+    from ...activation.apply import refresh
+    from .activation import attach_activation
+
+    for stage in args.stages:
+        row: dict = {}
+        for attached in (False, True):
+            engine = _engine(stage, args.width, args.depth)
+            if attached:
+                sub = ActivationSubspace(engine.module, energy=0.9)
+                handle = attach_activation(engine, sub)
+                refresh(sub, lambda: engine(xc))
+                frags = [f for f in handle._fragments() if f is not None]
+                row["snapshot_mib"] = sum(f.numel * f.flat.element_size() for f in frags) / 2 ** 20
+                row["cuts"] = sum(len(c) for c in handle._cut_slots)
+                row["rank_mean"] = sum(sub.ranks().values()) / max(1, len(sub.ranks()))
+            times = []
+            for _ in range(args.steps):
+                torch.distributed.barrier()
+                t0 = time.perf_counter()
+                engine.backward(_loss(engine, x, y))
+                engine.step()
+                times.append(time.perf_counter() - t0)
+            row["attached" if attached else "plain"] = statistics.median(times[2:])
+            if attached:
+                row["exchanged"] = handle.last_exchange_numel
+                row["removed"] = float(handle.last_stats.update_removed_fraction)
+                handle.detach()
+        if rank == 0:
+            print(f"ZeRO-{stage} activation: step plain {row['plain'] * 1e3:.1f} ms, attached "
+                  f"{row['attached'] * 1e3:.1f} ms (x{row['attached'] / row['plain']:.2f}); snapshot "
+                  f"{row['snapshot_mib']:.2f} MiB on rank 0; {row['cuts']} cut rows, {row['exchanged']} float64 "
+                  f"all-reduced per step; mean basis rank {row['rank_mean']:.1f}, removed {row['removed']:.3f} "
+                  f"of the update", flush=True)
 
 
 if __name__ == "__main__":
