@@ -41,6 +41,7 @@ import test_hf_integration as T
 from atax_kernels.integrations.hf import attach
 
 mode, out, steps = os.environ["ATAX_MODE"], os.environ["ATAX_OUT"], int(os.environ["ATAX_STEPS"])
+activation = os.environ.get("ATAX_REF") == "activation"
 rank = int(os.environ["RANK"])
 if mode != "ddp":
     import deepspeed
@@ -77,7 +78,13 @@ def run(sub, max_steps, resume=None, save_steps=None):
     trainer = trl.DPOTrainer(model=model, ref_model=copy.deepcopy(model), args=trl.DPOConfig(**kw), train_dataset=ds,
                              processing_class=tok)
     # rank r draws its own capability batches (cycled): DDP and ZeRO both average the ranks' gradients
-    handle = attach(trainer, reference=[caps[rank], caps[rank + 2]])
+    if activation:
+        # built after the trainer (the process group exists): update() sums the ranks' moments, one basis
+        from atax_kernels import ActivationSubspace
+        sub_ = ActivationSubspace.from_loader(trainer.model, [caps[rank], caps[rank + 2]], energy=0.9)
+        handle = attach(trainer, reference=sub_, refresh_every=2)
+    else:
+        handle = attach(trainer, reference=[caps[rank], caps[rank + 2]])
     trainer.train(resume_from_checkpoint=resume)
     params = list(trainer.model.parameters())
     if mode != "ddp":
@@ -109,12 +116,12 @@ os._exit(0)
 """
 
 
-def _launch(tmp_path, mode: str) -> None:
+def _launch(tmp_path, mode: str, ref: str = "batches") -> None:
     script = tmp_path / "ds_hf_worker.py"
     script.write_text(WORKER)
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env = dict(os.environ, ATAX_TEST_DIR=os.path.dirname(os.path.abspath(__file__)), ATAX_OUT=str(tmp_path),
-               ATAX_MODE=mode, ATAX_STEPS=str(STEPS), OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu",
+               ATAX_MODE=mode, ATAX_REF=ref, ATAX_STEPS=str(STEPS), OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu",
                WANDB_DISABLED="true", HF_HUB_OFFLINE="1", ATAX_BACKEND="torch", TOKENIZERS_PARALLELISM="false",
                PYTHONPATH=os.pathsep.join([root, os.environ.get("PYTHONPATH", "")]))
     for _ in range(3):
@@ -168,6 +175,42 @@ def test_dpo_trainer_zero_matches_ddp_and_resumes_exactly(stage, ddp_run, tmp_pa
     # the checkpoint carries both atax files; the resumed run (fresh trainer, resume from checkpoint-2) ends
     # bit-identical, with the same last-step statistics
     assert "atax_reference_rank0.pt" in r0["files"] and "atax_rank00000.pt" in r0["ds_files"], r0
+    (s0, u0), (s1, u1) = _load(tmp_path, f"z{stage}-resumed-rank0"), _load(tmp_path, f"z{stage}-resumed-rank1")
+    assert s0["global_step"] == STEPS and s0["steps"] == STEPS
+    assert torch.equal(u0, t0) and torch.equal(u1, t1)
+    assert s0["logs"][-1] == r0["logs"][-1], (s0["logs"], r0["logs"])
+
+
+@pytest.fixture(scope="module")
+def ddp_activation_run(tmp_path_factory):
+    """The DDP path of ``attach(trainer, reference=ActivationSubspace)``: the numbers ZeRO must match."""
+    tmp = tmp_path_factory.mktemp("ddp_act")
+    _launch(tmp, "ddp", "activation")
+    (r0, t0), (r1, t1) = _load(tmp, "ddp-full-rank0"), _load(tmp, "ddp-full-rank1")
+    assert torch.equal(t0, t1) and r0["logs"] == r1["logs"] and len(r0["logs"]) == STEPS
+    return r0, t0
+
+
+@pytest.mark.parametrize("stage", [2, 3])
+def test_dpo_trainer_zero_activation_matches_ddp_and_resumes_exactly(stage, ddp_activation_run, tmp_path):
+    """An ActivationSubspace reference (refreshed every 2 steps from the capability loader) under ZeRO: the
+    engine projects each realised update on its fp32 partitions; the same statistics and parameters as DDP."""
+    _launch(tmp_path, f"z{stage}", "activation")
+    ddp, theta_ddp = ddp_activation_run
+    (r0, t0), (r1, t1) = _load(tmp_path, f"z{stage}-full-rank0"), _load(tmp_path, f"z{stage}-full-rank1")
+    assert r0["global_step"] == STEPS and r0["steps"] == STEPS and not r0["engine_attached"]
+    assert len(r0["logs"]) == STEPS and r0["logs"] == r1["logs"], (r0["logs"], r1["logs"])
+    assert torch.equal(t0, t1)
+    for e, d in zip(r0["logs"], ddp["logs"]):
+        assert 0.0 < e["atax/update_removed_fraction"] < 1.0, e
+        for k in ("atax/update_removed_fraction", "atax/feature_rank_mean"):
+            assert abs(e[k] - d[k]) <= 1e-4 * max(1.0, abs(d[k])), (k, e, d)
+    init = torch.load(tmp_path / f"z{stage}-init.pt")
+    moved = float((theta_ddp - init).norm())
+    assert moved > 1e-3, moved
+    rel = float((t0 - theta_ddp).norm()) / moved
+    assert rel <= 1e-4, rel
+    assert "atax_reference_rank0.pt" in r0["files"] and "atax_activation_rank00000.pt" in r0["ds_files"], r0
     (s0, u0), (s1, u1) = _load(tmp_path, f"z{stage}-resumed-rank0"), _load(tmp_path, f"z{stage}-resumed-rank1")
     assert s0["global_step"] == STEPS and s0["steps"] == STEPS
     assert torch.equal(u0, t0) and torch.equal(u1, t1)

@@ -214,7 +214,10 @@ def record_reader(seen: SeenInputs, e: ProtectedModule, key: tuple, tensor: torc
     for n in g.pending:
         if n != e.name:
             g.pending[n] += 1
-    seen[key] = (weakref.ref(tensor), g)  # the caller's tensor: alive while its consumers run
+    # A weak reference to the *storage*, not the tensor object: hooks that hand each module its own alias of one
+    # input (DeepSpeed ZeRO-3 passes every module a fresh ``detach()`` of it) free the alias after the first
+    # module's forward while the storage, and so the data_ptr of the key, stays the input's.
+    seen[key] = (weakref.ref(tensor.untyped_storage()), g)
 
 
 def check_pending(inputs: list[DistinctInput]) -> None:

@@ -71,8 +71,9 @@ def attach(
     Raises:
         NotImplementedError: optimizer-in-backward (LOMO/AdaLomo, layer-wise GaLore, post-accumulate
             grad hooks), reentrant gradient checkpointing; under DeepSpeed ZeRO (served for live capability
-            references, ``refresh_every=1``: the projection runs inside the engine, see docs/deepspeed.md) EMA,
-            Subspace and ActivationSubspace references, ``refresh_every`` > 1, stage 0 and offload; the message
+            references with ``refresh_every=1`` and ActivationSubspace references: the projection runs inside the
+            engine, see docs/deepspeed.md) EMA and Subspace references, ``refresh_every`` > 1 for capability
+            references, an ActivationSubspace with LoRA or Conv1D layers, stage 0 and offload; the message
             says what to use instead.
         TypeError, ValueError: bad arguments (among them a model, a tensor or a zero-argument callable as
             ``reference``), or a trainer that already has atax attached; capability batches (for gradient

@@ -8,8 +8,10 @@ Trainer's ``compute_loss_context_manager``); the engine handle projects inside t
 After each ``training_step`` the engine handle's new statistics (global values, the same on every rank) join
 the logging window; ``on_train_end`` detaches the engine handle.
 
-Only live capability references (batches, a ``(model) -> loss`` callable, ``CapabilitySource``) with
-``refresh_every=1`` are served; the rest is refused at ``attach`` with what is missing (:func:`refuse`).
+Served: live capability references (batches, a ``(model) -> loss`` callable, ``CapabilitySource``) with
+``refresh_every=1``, and ``ActivationSubspace`` references (``attach_activation`` on the engine; the bases are
+refreshed every ``refresh_every`` steps at the window's last micro-batch, before its forward); the rest is refused
+at ``attach`` with what is missing (:func:`refuse`).
 Checkpoints: the Trainer saves through ``model_wrapped.save_checkpoint`` (patched by ``attach_engine``: each
 rank's ``atax_rank<r>.pt`` lands in the DeepSpeed tag folder) and the ``on_save`` callback writes the usual
 per-rank file (step count, capability stream position). On resume the Trainer loads the engine's checkpoint
@@ -49,11 +51,20 @@ def _plugin_config(trainer: Any) -> dict:
 def refuse(trainer: Any, ref: Any, refresh_every: int) -> None:
     """What the DeepSpeed path does not serve yet, refused at ``attach`` with what is missing."""
     where = "atax attach() under DeepSpeed ZeRO"
+    zero = _plugin_config(trainer).get("zero_optimization", {}) or {}
     if isinstance(ref, ActivationSubspace):
-        raise NotImplementedError(
-            f"{where}: an ActivationSubspace reference is not supported yet: projecting the realised update needs "
-            f"row-aligned slices of each protected weight's ZeRO partition (boundary rows gathered) and that is not "
-            f"built (issue 20). Use capability batches (gradient space), or DDP/FSDP2 for activation space")
+        for e in ref._entries:
+            if e.kind == "lora":
+                raise NotImplementedError(
+                    f"{where}: an ActivationSubspace with LoRA layers ({e.name}) is not supported: lora='input' "
+                    f"edits lora_A at each update(), bypassing ZeRO's fp32 master copy; protect the base layers "
+                    f"(modules=) or train LoRA under DDP/FSDP2")
+            if e.kind == "conv1d":
+                raise NotImplementedError(
+                    f"{where}: {e.name} is a Conv1D (GPT-2, weight stored [d_in, d_out]): its projected columns "
+                    f"span every rank's ZeRO fragment, not supported; leave it out (modules=)")
+        _refuse_stage_and_offload(where, zero)
+        return
     if isinstance(ref, EMA):
         raise NotImplementedError(
             f"{where}: EMA references are not supported yet: the EMA would have to fold the engine's partitioned "
@@ -72,7 +83,10 @@ def refuse(trainer: Any, ref: Any, refresh_every: int) -> None:
             f"{where}: refresh_every={refresh_every} is not supported: the engine keeps no full gradient between "
             f"steps and its capability reference is captured in each accumulation window (reusing one needs it "
             f"kept partitioned across steps and checkpoints, not built); use refresh_every=1")
-    zero = _plugin_config(trainer).get("zero_optimization", {}) or {}
+    _refuse_stage_and_offload(where, zero)
+
+
+def _refuse_stage_and_offload(where: str, zero: dict) -> None:
     stage = zero.get("stage", None)
     if stage is not None and stage != "auto" and int(stage) not in (1, 2, 3):
         raise NotImplementedError(
@@ -108,6 +122,8 @@ class DeepSpeedStep:
                                f"{type(engine).__name__} at on_train_begin, not the DeepSpeedEngine")
         if self.engine_handle is not None:   # a second train() call on the same trainer
             self.engine_handle.detach()
+        if isinstance(self.reference, ActivationSubspace):
+            return self._ds_begin_activation(engine)
         source: CapabilitySource = self.reference
 
         def reference_fn() -> torch.Tensor:
@@ -141,12 +157,43 @@ class DeepSpeedStep:
         self.engine_handle.steps = self.steps
         self._ds_seen = self.steps
 
+    def _ds_begin_activation(self, engine: Any) -> None:
+        """An ActivationSubspace reference: the engine projects each realised update on its fp32 partitions."""
+        from ..deepspeed import attach_activation
+
+        self.engine_handle = attach_activation(engine, self.reference, backend=self.backend)
+        if self._resume_state is not None:   # the per-rank file: the subspace's bases and moments, the step count
+            self._apply_resume_state(self._params())
+        self._resume_dir = None
+        self.engine_handle.steps = self.steps
+        self._ds_seen = self.steps
+
+    def _ds_before_training_step(self) -> None:
+        """An ActivationSubspace reference: on a window's last micro-batch (the engine steps inside it), refresh
+        the bases when due, before the forward (the non-DeepSpeed path refreshes after the backward, on the same
+        weights; with ``contrast`` > 0 this micro-batch's safety moments join the next refresh instead)."""
+        sub = self.reference
+        if not isinstance(sub, ActivationSubspace) or self.engine_handle is None:
+            return
+        if not self.trainer.accelerator.sync_gradients:
+            return
+        if self.steps % self.refresh_every == 0 and (self.steps > 0 or sub.contrast > 0 or sub.updates == 0):
+            if sub.loader is not None:
+                sub.refresh()
+            else:
+                sub.update()
+
     def _ds_after_training_step(self) -> None:
         """After ``training_step``: a step the engine projected joins the logging window."""
         h = self.engine_handle
         if h is None or h.steps == self._ds_seen:
             return
         self._ds_seen = self.steps = h.steps
+        if isinstance(self.reference, ActivationSubspace):
+            self.last_activation = h.last_stats
+            self._unlogged = True
+            self._window_add(self._activation_step_values(h.last_stats))
+            return
         stats = h.last_stats
         if stats is None:   # pragma: no cover
             return

@@ -64,9 +64,11 @@ class AtaxHandle(GradientStep, ActivationStep, LoggingWindow, CheckpointState, D
         def training_step(*args: Any, **kwargs: Any) -> Any:
             if handle.deepspeed:   # the engine projects inside accelerator.backward(): log what it did
                 eh = handle.engine_handle
-                if eh is not None and eh.capture_due:
+                if eh is not None and getattr(eh, "capture_due", False):
                     eh.capture()   # the window's capability micro-step, before the safety forward (ZeRO-3)
-                loss = orig_step(*args, **kwargs)
+                handle._ds_before_training_step()
+                with handle._observe_training_batch(args, kwargs):
+                    loss = orig_step(*args, **kwargs)
                 handle._ds_after_training_step()
                 return loss
             with handle._observe_training_batch(args, kwargs):
