@@ -114,7 +114,8 @@ def _engine(stage: int, state=None, observe_through_engine=False):
     sub = _subspace(engine.module)  # after initialize: under ZeRO-3 the weights are placeholders by now
     handle = attach_engine(engine, reference=sub)
     if observe_through_engine:
-        _observe(sub, engine)  # every rank observes the same batch: the summed moments normalise to the same
+        # every rank observes the same batch: the summed moments normalise to the same
+        handle.refresh(lambda: engine(_batch(0, "cap")[0]))
     elif state is not None:
         sub.load_state_dict(state)
     return engine, handle, sub

@@ -70,11 +70,9 @@ def run(sub, max_steps, resume=None, save_steps=None):
         kw["deepspeed"] = {"train_micro_batch_size_per_gpu": "auto", "train_batch_size": "auto",
                            "gradient_accumulation_steps": "auto", "gradient_clipping": "auto",
                            "zero_optimization": {"stage": stage}, "zero_allow_untested_optimizer": True}
-        if stage == 3:
-            # ZeRO-3's parameter prefetching follows the module trace recorded at the first forward; the capability
-            # forward (model(**batch).loss) and DPO's forward visit modules differently, and with prefetching on
-            # the safety backward then found a parameter released ("size of tensor a (0)"). Not fixed yet.
-            kw["deepspeed"]["zero_optimization"]["stage3_prefetch_bucket_size"] = 0
+        # ZeRO-3 with its default parameter prefetching: the capability micro-step and the basis refreshes are
+        # extra passes whose module trace must not become the prefetch trace (deepspeed/partitions.extra_pass;
+        # without it the safety backward found a released parameter, "size of tensor a (0)")
     trainer = trl.DPOTrainer(model=model, ref_model=copy.deepcopy(model), args=trl.DPOConfig(**kw), train_dataset=ds,
                              processing_class=tok)
     # rank r draws its own capability batches (cycled): DDP and ZeRO both average the ranks' gradients

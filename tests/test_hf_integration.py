@@ -456,6 +456,38 @@ def test_deepspeed_refusals_name_what_is_missing(zero, reference, kw, match):
         attach(_deepspeed_trainer(zero), reference=reference(), **kw)
 
 
+def _observed_subspace(model: torch.nn.Module, d_in: int):
+    from atax_kernels import ActivationSubspace
+
+    sub = ActivationSubspace(model, energy=0.9)
+    with sub.observe():
+        model(torch.randn(4, d_in))
+    sub.update()
+    return sub
+
+
+@pytest.mark.parametrize("zero, make, match", [
+    # GPT-2's Conv1D stores [d_in, d_out]: a projected column spans every rank's ZeRO fragment
+    (None, lambda: torch.nn.Sequential(__import__("transformers.pytorch_utils").pytorch_utils.Conv1D(3, 2)),
+     "Conv1D"),
+    ({"stage": 2, "offload_optimizer": {"device": "cpu"}}, lambda: torch.nn.Linear(2, 2), "offload_optimizer"),
+])
+def test_deepspeed_activation_refusals(zero, make, match):
+    t = _deepspeed_trainer(zero)
+    t.model = make()
+    with pytest.raises(NotImplementedError, match=match):
+        attach(t, reference=_observed_subspace(t.model, 2))
+
+
+def test_deepspeed_activation_reference_is_accepted():
+    t = _deepspeed_trainer()
+    t.trainer_added = []
+    t.add_callback, t.remove_callback = t.trainer_added.append, t.trainer_added.remove
+    h = attach(t, reference=_observed_subspace(t.model, 2), refresh_every=5)
+    assert h.deepspeed and t.trainer_added == [h.callback]
+    h.detach()
+
+
 def test_deepspeed_live_reference_is_accepted():
     t = _deepspeed_trainer()
     t.trainer_added = []

@@ -33,7 +33,7 @@ import torch
 
 from ...activation.discovery import projected_weights
 from ...activation.stats import ActivationStats
-from .partitions import ZeroPartitions
+from .partitions import ZeroPartitions, extra_pass
 
 __all__ = ["ActivationEngineHandle", "attach_activation"]
 
@@ -117,6 +117,16 @@ class ActivationEngineHandle:
         engine.load_checkpoint = functools.wraps(orig_load)(
             lambda load_dir, tag=None, *a, **k: self._load(orig_load, load_dir, tag, *a, **k))
         engine.__dict__["_atax_handle"] = self
+
+    def refresh(self, forward: Callable[[], Any]) -> None:
+        """Recompute the bases from one capability pass through the engine, on every rank together:
+        :func:`atax_kernels.activation.apply.refresh` (``forward()`` observed, then ``update()``, which sums the
+        moments over the data-parallel group), with ZeRO-3's module trace kept to the training passes
+        (:func:`~.partitions.extra_pass`)."""
+        from ...activation.apply import refresh
+
+        with extra_pass(self.engine):
+            refresh(self.subspace, forward)
 
     # --- layout -----------------------------------------------------------------------------------------
 
@@ -387,7 +397,7 @@ def attach_activation(engine: Any, subspace: Any, *, backend: str | None = None)
         sub = ActivationSubspace(model, energy=0.9)     # before or after deepspeed.initialize
         engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=cfg)
         handle = attach_activation(engine, sub)
-        refresh(sub, lambda: engine(capability_batch))  # atax_kernels.activation.apply.refresh
+        handle.refresh(lambda: engine(capability_batch))  # observe + update(), every rank together
         for batch in loader:
             engine.backward(safety_loss(engine, batch))
             engine.step()   # the update of each protected weight lands off its basis

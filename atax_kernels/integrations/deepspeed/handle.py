@@ -22,7 +22,7 @@ from ...ops.registry import resolve
 from ...projection.core import GRANULARITIES, MODES, project_resolved
 from ...projection.stats import ProjectionStats
 from .checkpoint import load_state, save_state
-from .partitions import PartitionedReference, ZeroPartitions
+from .partitions import PartitionedReference, ZeroPartitions, extra_pass
 
 if TYPE_CHECKING:  # annotations only
     from ...activation import ActivationSubspace
@@ -222,7 +222,7 @@ def _capture(engine: Any, partitions: ZeroPartitions, loss_fn: Callable[[], torc
     """The capability micro-step: an accumulation-boundary backward, a clone of this rank's partition, a reset."""
     saved = engine._is_gradient_accumulation_boundary
     try:
-        with torch.enable_grad():
+        with torch.enable_grad(), extra_pass(engine):
             loss = loss_fn()
             if not isinstance(loss, torch.Tensor) or loss.dim() != 0 or not loss.requires_grad:
                 raise TypeError("the capability loss must be a scalar tensor attached to autograd")

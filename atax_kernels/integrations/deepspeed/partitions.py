@@ -20,11 +20,12 @@ overflowed step.
 """
 from __future__ import annotations
 
-from typing import Any
+import contextlib
+from typing import Any, Iterator
 
 import torch
 
-__all__ = ["PartitionedReference", "ZeroPartitions", "check_supported"]
+__all__ = ["PartitionedReference", "ZeroPartitions", "check_supported", "extra_pass"]
 
 _STAGE12 = "DeepSpeedZeroOptimizer"
 _STAGE3 = "DeepSpeedZeroOptimizer_Stage3"
@@ -213,3 +214,21 @@ class ZeroPartitions:
             for k in list(all_grads.keys()):
                 all_grads[k] = None
         opt.micro_step_id = _INITIAL_MICRO_STEP_ID
+
+
+@contextlib.contextmanager
+def extra_pass(engine: Any) -> Iterator[None]:
+    """Around a forward (and backward) through a ZeRO-3 engine that is not the training pass: the capability
+    micro-step, a basis refresh. ZeRO-3 records the module order of the first pass after ``reset_step()`` and
+    prefetches and *releases* parameters by that trace afterwards; a trace recorded from such an extra pass (a
+    different module order, or a forward without backward) left the next training backward holding a released
+    parameter ("The size of tensor a (0) must match ...", seen through the HF Trainer with prefetching on).
+    Afterwards the trace is invalidated, so the next training pass records its own. Nothing for ZeRO-1/2."""
+    try:
+        yield
+    finally:
+        offload = getattr(getattr(engine, "optimizer", None), "parameter_offload", None)
+        get = getattr(offload, "get_param_coordinator", None)
+        coordinator = get() if callable(get) else None
+        if coordinator is not None and not coordinator.is_invalid_trace():
+            coordinator._invalidate_trace()

@@ -178,10 +178,13 @@ class DeepSpeedStep:
         if not self.trainer.accelerator.sync_gradients:
             return
         if self.steps % self.refresh_every == 0 and (self.steps > 0 or sub.contrast > 0 or sub.updates == 0):
-            if sub.loader is not None:
-                sub.refresh()
-            else:
-                sub.update()
+            from ..deepspeed.partitions import extra_pass
+
+            with extra_pass(self.engine_handle.engine):   # keep ZeRO-3's prefetch trace to the training passes
+                if sub.loader is not None:
+                    sub.refresh()
+                else:
+                    sub.update()
 
     def _ds_after_training_step(self) -> None:
         """After ``training_step``: a step the engine projected joins the logging window."""
