@@ -26,6 +26,7 @@ pytestmark = [
 
 N, T, VOCAB = 8, 5, 8
 LR = 0.05
+CASES = ("1", "2", "3", "2-offload", "3-offload")  # ZeRO stage, and CPU offload of the optimizer (and params)
 
 
 class Net(torch.nn.Module):
@@ -66,12 +67,19 @@ def _observe(sub, model) -> None:
     refresh(sub, lambda: model(_batch(0, "cap")[0]))
 
 
-def _config(stage: int) -> dict:
-    return {"train_micro_batch_size_per_gpu": N // WORLD, "gradient_accumulation_steps": 1,
+def _config(stage: int, offload: bool = False) -> dict:
+    cfg = {"train_micro_batch_size_per_gpu": N // WORLD, "gradient_accumulation_steps": 1,
             "zero_optimization": {"stage": stage}, "steps_per_print": 10 ** 9, "gradient_clipping": 0.0,
             "zero_allow_untested_optimizer": True, "wall_clock_breakdown": False,
             "optimizer": {"type": "AdamW", "params": {"lr": LR, "betas": [0.9, 0.999], "eps": 1e-8,
                                                       "weight_decay": 0.01, "torch_adam": True}}}
+    if offload:
+        # the optimizer (and under ZeRO-3 the parameters) offloaded to CPU, stepped by the torch AdamW
+        cfg["zero_optimization"]["offload_optimizer"] = {"device": "cpu"}
+        if stage == 3:
+            cfg["zero_optimization"]["offload_param"] = {"device": "cpu"}
+        cfg["zero_force_ds_cpu_optimizer"] = False
+    return cfg
 
 
 def _full(engine, stage: int) -> dict:
@@ -104,13 +112,14 @@ def _oracle(steps: int):
     return out
 
 
-def _engine(stage: int, state=None, observe_through_engine=False):
+def _engine(stage: int, state=None, observe_through_engine=False, offload=False):
     import deepspeed
 
     from atax_kernels.integrations.deepspeed import attach_engine
 
     model = Net()
-    engine = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=_config(stage))[0]
+    engine = deepspeed.initialize(model=model, model_parameters=model.parameters(),
+                                  config=_config(stage, offload))[0]
     sub = _subspace(engine.module)  # after initialize: under ZeRO-3 the weights are placeholders by now
     handle = attach_engine(engine, reference=sub)
     if observe_through_engine:
@@ -131,8 +140,9 @@ def _worker(rank: int, port: int, outdir: str, steps: int) -> None:
     try:
         state = torch.load(os.path.join(outdir, "state.pt"), weights_only=False)
         results = {}
-        for stage in (1, 2, 3):
-            engine, handle, sub = _engine(stage, state)
+        for case in CASES:
+            stage = int(case[0])
+            engine, handle, sub = _engine(stage, state, offload=case.endswith("offload"))
             res = dict(params=[], frac=[], exchanged=[], cuts=sum(len(c) for c in handle._cut_slots))
             for step in range(steps):
                 engine.backward(_loss(engine, _rank_rows(rank, _batch(step, "safety"))))
@@ -143,7 +153,7 @@ def _worker(rank: int, port: int, outdir: str, steps: int) -> None:
             assert handle.steps == steps
             handle.detach()
             assert "step" not in engine.optimizer.__dict__ and "step" not in engine.optimizer.optimizer.__dict__
-            results[stage] = res
+            results[case] = res
         # bases from a forward through a ZeRO-3 engine (gathered parameters, hooks on the real modules)
         engine, handle, sub = _engine(3, observe_through_engine=True)
         results["observed"] = {g: grp.basis.clone() for g, grp in enumerate(sub._groups)}
@@ -168,7 +178,7 @@ def test_zero_activation_step_matches_single_process(tmp_path):
     bases = {e.name: e.group.basis.double() for e in sub._entries if e.kind != "embedding"}
     tokens = [e.tokens for e in sub._entries if e.kind == "embedding"][0]
     assert 0 < tokens.numel() < VOCAB and all(b.shape[1] > 0 for b in bases.values())
-    for stage in (1, 2, 3):
+    for stage in CASES:
         a, b = r0[stage], r1[stage]
         assert a["cuts"] > 0, f"ZeRO-{stage}: no partition boundary cuts a row: the test does not exercise the exchange"
         prev = want["start"]

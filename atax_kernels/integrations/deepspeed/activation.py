@@ -92,7 +92,7 @@ class ActivationEngineHandle:
         if engine.__dict__.get("_atax_handle") is not None:
             raise RuntimeError("this engine is already attached: call detach() on its handle first")
         self.engine, self.subspace, self.backend = engine, subspace, backend
-        self.partitions = ZeroPartitions(engine)
+        self.partitions = ZeroPartitions(engine, space="activation")
         self.opt = engine.optimizer
         self.inner = self.opt.optimizer
         self.targets = self._find_targets()
@@ -403,7 +403,8 @@ def attach_activation(engine: Any, subspace: Any, *, backend: str | None = None)
             engine.step()   # the update of each protected weight lands off its basis
 
     ``engine.save_checkpoint``/``load_checkpoint`` (patched) carry the subspace's state and the step count.
-    Refused with a reason: LoRA layers, Conv1D weights, and what :func:`check_supported` refuses
-    (offload_optimizer, offload_param, pipeline/tensor/sequence parallelism, ...).
+    ``offload_optimizer``/``offload_param`` with ``device="cpu"`` are served (the fp32 partition is read where it
+    lives). Refused with a reason: LoRA layers, Conv1D weights, NVMe offload, and what :func:`check_supported`
+    refuses for every space (pipeline/tensor/sequence parallelism, MoE, ...).
     """
     return ActivationEngineHandle(engine, subspace, backend)

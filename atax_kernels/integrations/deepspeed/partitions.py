@@ -43,8 +43,9 @@ def _offloaded(cfg: Any) -> bool:
     return device is not None and str(getattr(device, "value", device)).lower() not in ("none", "")
 
 
-def check_supported(engine: Any) -> None:
-    """Raise (naming the option) for the DeepSpeed configurations the gradient projection does not serve."""
+def check_supported(engine: Any, space: str = "gradient") -> None:
+    """Raise (naming the option) for the DeepSpeed configurations the projection does not serve; ``space`` is
+    ``"gradient"`` (attach_engine) or ``"activation"`` (attach_activation, which also serves CPU offload)."""
     if type(engine).__name__ == "PipelineEngine" or hasattr(engine, "train_batch") and hasattr(engine, "num_stages"):
         raise NotImplementedError("DeepSpeed pipeline parallelism (PipelineEngine) is not supported: the pipeline "
                                   "runs backward and step inside train_batch(), with no capability micro-step")
@@ -62,14 +63,26 @@ def check_supported(engine: Any) -> None:
             f"stage={stage} and optimizer {name}. Under stage 0 the reduced gradients are in p.grad: call "
             f"atax_kernels.project_ on [p.grad for p in engine.module.parameters()] between engine.backward and "
             f"engine.step, or use ZeRO-1/2/3")
-    if _offloaded(_cfg(engine, "zero_offload_optimizer")):
-        raise NotImplementedError(
-            "zero_optimization.offload_optimizer is not supported: with the optimizer offloaded, ZeRO takes the "
-            "per-parameter gradient norms for clipping (norm_for_param_grads) during backward, before a projection "
-            "could run, so it would clip with the unprojected norm; remove offload_optimizer")
-    if _offloaded(_cfg(engine, "zero_offload_param")):
-        raise NotImplementedError("zero_optimization.offload_param is not supported yet: untested (the gradient "
-                                  "path is the same as without it, but no test covers it)")
+    for key in ("zero_offload_optimizer", "zero_offload_param"):
+        cfg = _cfg(engine, key)
+        if not _offloaded(cfg):
+            continue
+        option = "zero_optimization." + key[len("zero_"):]
+        device = str(getattr(getattr(cfg, "device", None), "value", getattr(cfg, "device", ""))).lower()
+        if space == "activation":
+            if device != "cpu":
+                raise NotImplementedError(
+                    f"{option} with device={device} is not supported for activation space: the fp32 partitions are "
+                    f"swapped in and out around each sub-group's step; use device='cpu'")
+            continue  # the realised update is read from the fp32 partition wherever it lives (tested on CPU)
+        if key == "zero_offload_optimizer":
+            raise NotImplementedError(
+                "zero_optimization.offload_optimizer is not supported for gradient space: with the optimizer "
+                "offloaded, ZeRO takes the per-parameter gradient norms for clipping (norm_for_param_grads) "
+                "during backward, before a projection could run, so it would clip with the unprojected norm; "
+                "remove offload_optimizer (activation space, attach_activation, supports device='cpu')")
+        raise NotImplementedError("zero_optimization.offload_param is not supported for gradient space yet: "
+                                  "untested (the gradient path is the same as without it, but no test covers it)")
     if not _cfg(engine, "managed_gradient_accumulation", True):
         raise NotImplementedError(
             "managed_gradient_accumulation=false is not supported: the capability micro-step is run as an "
@@ -107,8 +120,8 @@ class PartitionedReference:
 class ZeroPartitions:
     """The local gradient partition of a ZeRO-1/2/3 optimizer as per-parameter views, and its reset."""
 
-    def __init__(self, engine: Any) -> None:
-        check_supported(engine)
+    def __init__(self, engine: Any, space: str = "gradient") -> None:
+        check_supported(engine, space)
         self.engine = engine
         self.opt = opt = engine.optimizer
         self.stage3 = type(opt).__name__ == _STAGE3
@@ -126,7 +139,8 @@ class ZeroPartitions:
 
     @property
     def device(self) -> torch.device:
-        """Where the reduced gradient partition lives (the fp32 master's device: offload is refused)."""
+        """Where the reduced gradient partition lives (the fp32 master's device: gradient space refuses
+        offload; activation space keeps its exchange buffers there too)."""
         opt = self.opt
         return opt.grad_partitions_flat_buffer.device if self.stage3 else opt.single_partition_of_fp32_groups[0].device
 

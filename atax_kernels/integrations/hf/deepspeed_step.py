@@ -63,7 +63,7 @@ def refuse(trainer: Any, ref: Any, refresh_every: int) -> None:
                 raise NotImplementedError(
                     f"{where}: {e.name} is a Conv1D (GPT-2, weight stored [d_in, d_out]): its projected columns "
                     f"span every rank's ZeRO fragment, not supported; leave it out (modules=)")
-        _refuse_stage_and_offload(where, zero)
+        _refuse_stage_and_offload(where, zero, cpu_offload_ok=True)
         return
     if isinstance(ref, EMA):
         raise NotImplementedError(
@@ -86,7 +86,7 @@ def refuse(trainer: Any, ref: Any, refresh_every: int) -> None:
     _refuse_stage_and_offload(where, zero)
 
 
-def _refuse_stage_and_offload(where: str, zero: dict) -> None:
+def _refuse_stage_and_offload(where: str, zero: dict, cpu_offload_ok: bool = False) -> None:
     stage = zero.get("stage", None)
     if stage is not None and stage != "auto" and int(stage) not in (1, 2, 3):
         raise NotImplementedError(
@@ -94,6 +94,8 @@ def _refuse_stage_and_offload(where: str, zero: dict) -> None:
             f"in p.grad (DDP-like) but accelerate steps the engine inside backward; use ZeRO-1/2/3 or DDP")
     for key in ("offload_optimizer", "offload_param"):
         device = (zero.get(key) or {}).get("device", "none")
+        if cpu_offload_ok and str(device).lower() == "cpu":
+            continue   # activation space reads the fp32 partition where it lives
         if str(device).lower() not in ("none", ""):
             raise NotImplementedError(
                 f"{where}: zero_optimization.{key} (device={device}) is not supported: "
