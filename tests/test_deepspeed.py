@@ -111,9 +111,17 @@ def _oracle(case: dict):
     params = list(model.parameters())
     opt = _make_opt(case, params)
     out = dict(params=[], applied=[], caps=[], coefs=[])
+    beta, ema = case.get("ema"), None
     for step in range(case["steps"]):
         safety, cap = _data(step)
-        if step == 0 or not case.get("static"):  # static: the reference captured before the first step
+        if beta is not None:  # the EMA of the captures taken every `refresh` steps (the first copied)
+            if step % case["refresh"] == 0:
+                model.zero_grad()
+                _loss(model, cap).backward()
+                g = [p.grad.clone() for p in params]
+                ema = g if ema is None else [beta * e + (1 - beta) * x for e, x in zip(ema, g)]
+            caps = ema
+        elif step == 0 or not case.get("static"):  # static: the reference captured before the first step
             model.zero_grad()
             _loss(model, cap).backward()
             caps = [p.grad.clone() for p in params]
@@ -182,6 +190,8 @@ def _run_case(rank: int, case: dict) -> dict:
     if case.get("static"):
         step_ref.update(cap=_data(0)[1], cap_rows=mine)
         kind = dict(reference=capture_reference(engine, cap_fn))
+    elif case.get("ema") is not None:
+        kind = dict(reference_fn=cap_fn, ema_beta=case["ema"], refresh_every=case["refresh"])
     else:
         kind = dict(reference_fn=cap_fn)
     handle = attach_engine(engine, **kind, mode=case["mode"], strength=case.get("strength", 1.0),
@@ -212,6 +222,8 @@ def _run_case(rank: int, case: dict) -> dict:
         out["params"].append(_full_params(engine, case["stage"]))
         out["coefs"].append(handle.last_stats.coefs.clone())
     assert handle.steps == case["steps"]
+    if case.get("ema") is not None:
+        assert handle.ema_count == -(-case["steps"] // case["refresh"]), handle.ema_count
     handle.detach()
     assert "step" not in engine.optimizer.__dict__ and not {"backward", "save_checkpoint", "load_checkpoint",
                                                              "_atax_handle"} & set(engine.__dict__)
@@ -290,6 +302,8 @@ def _cases(stage: int) -> dict:
         "adamw_3": dict(stage=stage, opt="adamw", steps=3, mode="orthogonal", gas=1),
         # a fixed reference (capture_reference before attach_engine), kept over two steps
         "sgd_static_2": dict(sgd, steps=2, static=True),
+        # an EMA of the captures, captured every 2nd step (steps 0 and 2 capture, 1 and 3 reuse the EMA)
+        "adamw_ema": dict(stage=stage, opt="adamw", steps=4, mode="orthogonal", gas=1, ema=0.5, refresh=2),
         # bf16 model: gradients in bf16 pieces; with fp32 accumulation ZeRO-2 uses one flat fp32 buffer
         # (GradPartitionBufferGroup). ZeRO-1 with fp32 accumulation is DeepSpeed's BF16_Optimizer: refused.
         "bf16": dict(stage=stage, opt="adamw", steps=2, mode="orthogonal", gas=1, bf16=True),
@@ -303,7 +317,7 @@ def test_zero_projected_step_matches_single_process(stage, tmp_path):
     _run(_cases(stage), tmp_path)
 
 
-def _resume_flow(rank: int, stage: int, static: bool, ckpt: str) -> None:
+def _resume_flow(rank: int, stage: int, static: bool | str, ckpt: str) -> None:
     """2 steps in one go == 1 step, engine.save_checkpoint, a fresh engine, engine.load_checkpoint, 1 step."""
     import deepspeed
 
@@ -317,7 +331,9 @@ def _resume_flow(rank: int, stage: int, static: bool, ckpt: str) -> None:
         eng = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=_ds_config(case))[0]
         cap_step = {"i": 0}
         cap_fn = lambda: _loss(eng, _rows(_data(cap_step["i"])[1], mine))  # noqa: E731
-        if static:
+        if static == "ema":  # step 1 reuses the EMA: after the resume it must come from the checkpoint
+            handle = attach_engine(eng, reference_fn=cap_fn, ema_beta=0.5, refresh_every=2)
+        elif static:
             cap_step["i"] = ref_step
             handle = attach_engine(eng, reference=capture_reference(eng, cap_fn))
         else:
@@ -341,11 +357,11 @@ def _resume_flow(rank: int, stage: int, static: bool, ckpt: str) -> None:
     eng, handle, cap = new_engine(1)
     path, _ = eng.load_checkpoint(ckpt, tag="t1")
     assert path is not None and handle.steps == 1, (path, handle.steps)
-    if static:
+    if static is True:
         saved = load_reference(eng, ckpt, "t1")[0].tensors
         assert all(torch.equal(a, b) for a, b in zip(saved, handle._static[0].tensors))
     got, got_coefs = run(eng, handle, cap, [1])
-    what = f"ZeRO-{stage} {'static' if static else 'live'}"
+    what = f"ZeRO-{stage} {static if static == 'ema' else 'static' if static else 'live'}"
     assert all(torch.equal(a, b) for a, b in zip(got, want)), f"{what}: the resumed run differs"
     assert torch.equal(got_coefs, want_coefs), f"{what}: coefficients differ after resume"
     assert handle.steps == 2
@@ -355,8 +371,8 @@ def _resume_worker(rank: int, port: int, outdir: str) -> None:
     _init(rank, port)
     try:
         for stage in (2, 3):
-            for static in (False, True):
-                ckpt = os.path.join(outdir, f"ckpt{stage}{int(static)}")
+            for static in (False, True, "ema"):
+                ckpt = os.path.join(outdir, f"ckpt{stage}{static}")
                 _resume_flow(rank, stage, static, ckpt)
     finally:
         torch.distributed.destroy_process_group()

@@ -42,8 +42,11 @@ def save_state(handle: Any, save_dir: str, tag: str) -> None:
     """Write this rank's handle state for the engine checkpoint ``save_dir/tag``."""
     group = handle.partitions.group
     refs = None if handle._static is None else [[t.detach().cpu() for t in r.tensors] for r in handle._static]
+    ema = getattr(handle, "ema", None)
     state = dict(version=_VERSION, world_size=torch.distributed.get_world_size(group), steps=handle.steps,
-                 numels=handle.partitions.numels(), references=refs)
+                 numels=handle.partitions.numels(), references=refs,
+                 ema=None if ema is None else [t.detach().cpu() for t in ema],
+                 ema_count=getattr(handle, "ema_count", 0))
     path = os.path.join(save_dir, str(tag), f"atax_rank{_rank(group):05d}.pt")
     os.makedirs(os.path.dirname(path), exist_ok=True)
     torch.save(state, path)

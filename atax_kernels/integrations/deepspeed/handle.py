@@ -53,12 +53,27 @@ class EngineHandle:
 
     def __init__(self, engine: Any, reference_fn: Callable[[], torch.Tensor] | None,
                  reference: PartitionedReference | Sequence[PartitionedReference] | None,
-                 mode: str, strength: float, granularity: str, backend: str | None) -> None:
+                 mode: str, strength: float, granularity: str, backend: str | None,
+                 ema_beta: float | None = None, refresh_every: int = 1) -> None:
         if (reference_fn is None) == (reference is None):
             raise ValueError("give exactly one of reference_fn (a callable returning the capability loss, run once "
                              "per optimizer step) and reference (PartitionedReference(s) from capture_reference())")
         if reference_fn is not None and not callable(reference_fn):
             raise TypeError(f"reference_fn must be callable, got {type(reference_fn).__name__}")
+        if ema_beta is not None:
+            if isinstance(ema_beta, bool) or not isinstance(ema_beta, (int, float)) or not 0.0 <= ema_beta < 1.0:
+                raise ValueError(f"ema_beta must be in [0, 1), got {ema_beta!r}")
+            if reference_fn is None:
+                raise ValueError("ema_beta needs reference_fn: the EMA folds the captured capability gradients")
+        if isinstance(refresh_every, bool) or not isinstance(refresh_every, int) or refresh_every < 1:
+            raise ValueError(f"refresh_every must be an int >= 1, got {refresh_every!r}")
+        if refresh_every > 1 and ema_beta is None:
+            raise ValueError(f"refresh_every={refresh_every} needs ema_beta: a live reference is captured every "
+                             f"step; one reused between captures is an EMA (ema_beta=0.0 keeps the last capture)")
+        self.ema_beta = None if ema_beta is None else float(ema_beta)
+        self.refresh_every = refresh_every
+        self.ema: list[torch.Tensor] | None = None   # this rank's partition of the EMA of the captures
+        self.ema_count = 0
         self.mode = validate.check_choice(mode, "mode", MODES)
         self.granularity = validate.check_choice(granularity, "granularity", GRANULARITIES)
         self.alpha = validate.check_strength(strength)
@@ -139,7 +154,29 @@ class EngineHandle:
             self._capturing = False
         if loss_fn is None:
             self._pending = ref
+            if self.ema_beta is not None:
+                self._fold(ref)
         return ref
+
+    def _refresh_due(self) -> bool:
+        return self.steps % self.refresh_every == 0
+
+    def _fold(self, ref: PartitionedReference) -> None:
+        """EMA mode: fold this capture into the partitioned EMA when its global squared norm is finite and not
+        zero (every rank takes the same decision: the norm is all-reduced)."""
+        from ...references.ema import capture_verdict, fold_ema_
+
+        device = self.partitions.device
+        local = sum((t.double() ** 2).sum() for t in ref.tensors) if ref.tensors else torch.zeros((), device=device)
+        total = torch.as_tensor(local, dtype=torch.float64, device=device).reshape(1).clone()
+        torch.distributed.all_reduce(total, group=self.partitions.group)
+        if capture_verdict(float(total)) != "fold":
+            return
+        if self.ema is None:
+            self.ema = [None] * len(ref.tensors)  # type: ignore[list-item]
+        fold_ema_(self.ema, list(ref.tensors), first=self.ema_count == 0, beta=self.ema_beta,  # type: ignore[arg-type]
+                  inv_scale=1.0, dtype=None)
+        self.ema_count += 1
 
     @property
     def capture_due(self) -> bool:
@@ -148,13 +185,12 @@ class EngineHandle:
         under ZeRO-3 a capability forward + backward between the safety forward and its backward leaves some
         parameters released for that backward (seen with a Llama model through the HF Trainer)."""
         return (self.reference_fn is not None and self._pending is None and not self._window_open
-                and not self._capturing)
+                and not self._capturing and self._refresh_due())
 
     # --- the patched methods --------------------------------------------------------------------------
 
     def _backward(self, loss: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
-        if (self.reference_fn is not None and self._pending is None and not self._window_open
-                and not self._capturing):
+        if self.capture_due:
             self.capture()
         out = self._orig_backward(loss, *args, **kwargs)
         if not self._capturing:
@@ -184,6 +220,9 @@ class EngineHandle:
         state = load_state(self.partitions, load_dir, tag)
         if state is not None:
             self.steps = state["steps"]
+            if self.ema_beta is not None and state.get("ema") is not None:
+                self.ema = [t.to(self.partitions.device) for t in state["ema"]]
+                self.ema_count = int(state["ema_count"])
             if self._static is not None and state["references"] is not None:
                 self._static = [PartitionedReference([t.to(self.partitions.device) for t in r])
                                 for r in state["references"]]
@@ -192,7 +231,15 @@ class EngineHandle:
         return out
 
     def _project(self) -> None:
-        refs = self._static if self._static is not None else ([self._pending] if self._pending is not None else [])
+        if self.ema_beta is not None:
+            if self.ema is None:
+                raise RuntimeError("no capability reference for this step: no capture has been folded into the EMA "
+                                   "yet (the captures so far were non-finite or all zero, or none was taken: the "
+                                   "window's first engine.backward(loss) takes it)")
+            refs = [PartitionedReference(self.ema)]
+        else:
+            refs = self._static if self._static is not None else (
+                [self._pending] if self._pending is not None else [])
         if not refs:
             raise RuntimeError("no capability reference for this step: the reference is captured in the window's "
                                "first engine.backward(loss) (or by handle.capture() before it); was loss.backward() "
@@ -255,6 +302,8 @@ def attach_engine(
     strength: float = 1.0,
     granularity: str = "global",
     backend: str | None = None,
+    ema_beta: float | None = None,
+    refresh_every: int = 1,
 ) -> "EngineHandle | ActivationEngineHandle":
     """Project the safety gradient of a DeepSpeed ZeRO-1/2/3 engine off a capability gradient at every step.
 
@@ -277,6 +326,12 @@ def attach_engine(
             :class:`~atax_kernels.ActivationSubspace`: activation-space projection of the realised update
             (:func:`~.activation.attach_activation`; mode, strength and granularity do not apply).
         mode, strength, granularity, backend: as in :func:`atax_kernels.project_`.
+        ema_beta: with ``reference_fn``: project against an exponential moving average of the captures instead
+            of the last one (``e <- beta e + (1 - beta) g``, the first copied; non-finite or all-zero captures
+            skipped), kept partitioned like the gradient (one more copy of the rank's partition) and saved in
+            the checkpoints.
+        refresh_every: with ``ema_beta``: capture (one extra forward + backward) only every this many steps and
+            project against the EMA in between.
 
     ``engine.save_checkpoint``/``load_checkpoint`` (patched too) carry the handle's per-rank state (fixed
     references, step count) in the checkpoint's tag folder; see checkpoint.py.
@@ -295,4 +350,5 @@ def attach_engine(
         from .activation import attach_activation
 
         return attach_activation(engine, reference, backend=backend)
-    return EngineHandle(engine, reference_fn, reference, mode, strength, granularity, backend)
+    return EngineHandle(engine, reference_fn, reference, mode, strength, granularity, backend, ema_beta,
+                        refresh_every)

@@ -9,7 +9,8 @@ After each ``training_step`` the engine handle's new statistics (global values, 
 the logging window; ``on_train_end`` detaches the engine handle.
 
 Served: live capability references (batches, a ``(model) -> loss`` callable, ``CapabilitySource``) with
-``refresh_every=1``, and ``ActivationSubspace`` references (``attach_activation`` on the engine; the bases are
+``refresh_every=1``, ``EMA`` references (the EMA kept partitioned in the engine handle, captured every
+``refresh_every`` steps), and ``ActivationSubspace`` references (``attach_activation`` on the engine; the bases are
 refreshed every ``refresh_every`` steps at the window's last micro-batch, before its forward); the rest is refused
 at ``attach`` with what is missing (:func:`refuse`).
 Checkpoints: the Trainer saves through ``model_wrapped.save_checkpoint`` (patched by ``attach_engine``: each
@@ -66,10 +67,8 @@ def refuse(trainer: Any, ref: Any, refresh_every: int) -> None:
         _refuse_stage_and_offload(where, zero, cpu_offload_ok=True)
         return
     if isinstance(ref, EMA):
-        raise NotImplementedError(
-            f"{where}: EMA references are not supported yet: the EMA would have to fold the engine's partitioned "
-            f"capability gradients and be saved per rank, which is not built (issue 20). Use capability batches "
-            f"(a live reference, refreshed every step), or DDP/FSDP2 for an EMA")
+        _refuse_stage_and_offload(where, zero)
+        return
     if isinstance(ref, Subspace):
         raise NotImplementedError(
             f"{where}: a Subspace reference is not supported: its basis is over full parameters, ZeRO holds "
@@ -82,7 +81,8 @@ def refuse(trainer: Any, ref: Any, refresh_every: int) -> None:
         raise NotImplementedError(
             f"{where}: refresh_every={refresh_every} is not supported: the engine keeps no full gradient between "
             f"steps and its capability reference is captured in each accumulation window (reusing one needs it "
-            f"kept partitioned across steps and checkpoints, not built); use refresh_every=1")
+            f"kept partitioned across steps and checkpoints, not built); use refresh_every=1, or an EMA reference "
+            f"(EMA(batches, beta=...): the EMA is kept partitioned and captured every refresh_every steps)")
     _refuse_stage_and_offload(where, zero)
 
 
@@ -126,7 +126,8 @@ class DeepSpeedStep:
             self.engine_handle.detach()
         if isinstance(self.reference, ActivationSubspace):
             return self._ds_begin_activation(engine)
-        source: CapabilitySource = self.reference
+        ema = self.reference if isinstance(self.reference, EMA) else None
+        source: CapabilitySource = ema.source if ema is not None else self.reference
 
         def reference_fn() -> torch.Tensor:
             ctx = getattr(t, "compute_loss_context_manager", None)
@@ -137,9 +138,11 @@ class DeepSpeedStep:
                                 f"{type(loss).__name__}{tuple(getattr(loss, 'shape', ()))}")
             return loss
 
+        # an EMA lives in the engine handle, partitioned like the gradient (ema.buffers stay empty)
         self.engine_handle = attach_engine(engine, reference_fn=reference_fn, mode=self.mode,
                                            strength=self.strength, granularity=self.granularity,
-                                           backend=self.backend)
+                                           backend=self.backend, ema_beta=None if ema is None else ema.beta,
+                                           refresh_every=self.refresh_every if ema is not None else 1)
         state, self._resume_state = self._resume_state, None
         if state is not None:
             self.steps = int(state["steps"])
@@ -155,6 +158,10 @@ class DeepSpeedStep:
                                      f"({ds_state['steps']} in the DeepSpeed tag folder, {self.steps} in the "
                                      f"trainer's file)")
                 self.steps = int(ds_state["steps"])
+                if ema is not None and ds_state.get("ema") is not None:
+                    h = self.engine_handle
+                    h.ema = [t.to(h.partitions.device) for t in ds_state["ema"]]
+                    h.ema_count = int(ds_state["ema_count"])
             self._resume_dir = None
         self.engine_handle.steps = self.steps
         self._ds_seen = self.steps
