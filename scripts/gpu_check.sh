@@ -39,7 +39,7 @@ unset TRITON_INTERPRET ATAX_BACKEND
 # registry (test_ops), the projection modes, bad input, properties and the other GPU-aware modules.
 QUICK_TESTS="tests/test_cuda_runtime.py tests/test_gpu_project.py tests/test_gpu_remove_span.py tests/test_triton_kernels.py tests/test_gpu_hygiene.py"
 FULL_TESTS="$QUICK_TESTS tests/test_remove_span.py tests/test_activation.py tests/test_ops.py tests/test_projection.py tests/test_bad_input.py tests/test_properties.py tests/test_interpolate.py tests/test_tax.py"
-# Step caps (s): the heavy steps' caps sum to 230 s (quick) and 470 s (full); env, audit and the registration
+# Step caps (s): the heavy steps' caps sum to 230 s (quick) and 470 s (full; + 120 s for DeepSpeed where installed); env, audit and the registration
 # check take seconds (their 60 s caps only guard against a hang), so a tier stays within 4 / 8 minutes.
 if [ "$TIER" = quick ]; then
   TESTS="$QUICK_TESTS"; T_BUILD=120; T_TEST=60; T_MEMCHECK=20; T_RACECHECK=0; T_BENCH=30; SAN_BACKEND=cuda
@@ -160,7 +160,21 @@ else
   fi
 fi
 
-# 5. summary (printed last; the full bench tables are appended to the same file afterwards)
+# 5. DeepSpeed ZeRO on the GPU(s) (scripts/gpu_deepspeed.py): fp16 with dynamic loss scaling and overflow-skipped
+# steps, bf16, NCCL, stages 1-3, gradient (live, EMA) and activation space: what the CPU tests (gloo, fp32/bf16)
+# cannot run. One process per GPU; on one GPU its multi-GPU part reports itself skipped. Output in the pytest log.
+if ! "$PY" -c "import deepspeed" >/dev/null 2>&1; then
+  skip deepspeed "deepspeed is not importable by $PY (the atax_kernels[deepspeed] extra); the image has none"
+elif [ "$DRY" = 1 ]; then
+  skip deepspeed "dry run: needs a GPU ($PY -m torch.distributed.run scripts/gpu_deepspeed.py)"
+elif [ "$TIER" = quick ]; then
+  skip deepspeed "quick tier"
+else
+  NGPU="$("$PY" -c "import torch; print(torch.cuda.device_count())")"
+  step deepspeed 120 "$P-pytest.log" "$PY" -m torch.distributed.run --nproc_per_node "$NGPU" scripts/gpu_deepspeed.py
+fi
+
+# 6. summary (printed last; the full bench tables are appended to the same file afterwards)
 TABLES="$(cat "$P-bench-tables.md" "$P-bench-memory.md" 2>/dev/null)"
 rm -f "$P-bench-tables.md" "$P-bench-memory.md" "$P.md"
 [ -s "$P-sanitizer.log" ] || rm -f "$P-sanitizer.log"

@@ -12,6 +12,7 @@ partition group -> the same solve on every rank -> ``combine_`` in place (``proj
 from __future__ import annotations
 
 import functools
+import warnings
 from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import torch
@@ -159,7 +160,8 @@ class EngineHandle:
         return ref
 
     def _refresh_due(self) -> bool:
-        return self.steps % self.refresh_every == 0
+        # an EMA with nothing folded yet (e.g. fp16's first, overflowing captures) captures at every step
+        return self.steps % self.refresh_every == 0 or (self.ema_beta is not None and self.ema is None)
 
     def _fold(self, ref: PartitionedReference) -> None:
         """EMA mode: fold this capture into the partitioned EMA when its global squared norm is finite and not
@@ -174,8 +176,11 @@ class EngineHandle:
             return
         if self.ema is None:
             self.ema = [None] * len(ref.tensors)  # type: ignore[list-item]
+        # fp16 engines scale every backward by the dynamic loss scale, which changes between captures: fold
+        # unscaled captures (orthogonal projection itself does not care about the scale)
+        scale = float(getattr(self.engine.optimizer, "loss_scale", 1.0) or 1.0)
         fold_ema_(self.ema, list(ref.tensors), first=self.ema_count == 0, beta=self.ema_beta,  # type: ignore[arg-type]
-                  inv_scale=1.0, dtype=None)
+                  inv_scale=1.0 / scale, dtype=None)
         self.ema_count += 1
 
     @property
@@ -233,9 +238,17 @@ class EngineHandle:
     def _project(self) -> None:
         if self.ema_beta is not None:
             if self.ema is None:
+                if self.ema_count == 0 and self._pending is not None:
+                    # captured, but non-finite or all zero (an fp16 engine's first steps overflow on purpose):
+                    # nothing to project against yet; ZeRO skips the step when the safety gradient overflowed too
+                    warnings.warn("atax DeepSpeed EMA: this step's capability capture was non-finite or all zero "
+                                  "and no earlier one was folded: the step is not projected (the next window "
+                                  "captures again)", RuntimeWarning, stacklevel=2)
+                    self.last_stats = None
+                    self.steps += 1
+                    return
                 raise RuntimeError("no capability reference for this step: no capture has been folded into the EMA "
-                                   "yet (the captures so far were non-finite or all zero, or none was taken: the "
-                                   "window's first engine.backward(loss) takes it)")
+                                   "yet (none was taken: the window's first engine.backward(loss) takes it)")
             refs = [PartitionedReference(self.ema)]
         else:
             refs = self._static if self._static is not None else (

@@ -207,7 +207,7 @@ class DeepSpeedStep:
             self._window_add(self._activation_step_values(h.last_stats))
             return
         stats = h.last_stats
-        if stats is None:   # pragma: no cover
+        if stats is None:   # an fp16 EMA step with no finite capture yet: not projected, nothing to log
             return
         ref_norm = h.last_ref_norm if h.last_ref_norm is not None else torch.zeros(
             stats.cosines.shape, dtype=torch.float64, device=stats.cosines.device)
