@@ -112,9 +112,12 @@ def _oracle(case: dict):
     opt = _make_opt(case, params)
     out = dict(params=[], applied=[], caps=[], coefs=[])
     beta, ema = case.get("ema"), None
+    sub = _subspace() if case.get("subspace") else None
     for step in range(case["steps"]):
         safety, cap = _data(step)
-        if beta is not None:  # the EMA of the captures taken every `refresh` steps (the first copied)
+        if sub is not None:
+            caps = [list(v) for v in sub.basis][0]
+        elif beta is not None:  # the EMA of the captures taken every `refresh` steps (the first copied)
             if step % case["refresh"] == 0:
                 model.zero_grad()
                 _loss(model, cap).backward()
@@ -127,7 +130,7 @@ def _oracle(case: dict):
             caps = [p.grad.clone() for p in params]
         model.zero_grad()
         _loss(model, safety).backward()
-        stats = project_([p.grad for p in params], caps, mode=case["mode"], strength=case.get("strength", 1.0),
+        stats = project_([p.grad for p in params], sub if sub is not None else caps, mode=case["mode"], strength=case.get("strength", 1.0),
                          granularity=case.get("granularity", "global"), backend="torch")
         if case.get("clip"):
             torch.nn.utils.clip_grad_norm_(params, case["clip"])
@@ -137,6 +140,20 @@ def _oracle(case: dict):
         opt.step()
         out["params"].append([p.detach().clone() for p in params])
     return out
+
+
+def _subspace():
+    """A rank-2 Subspace of two capability gradients of the initial model (full tensors, model order)."""
+    from atax_kernels import Subspace
+
+    model = _model()
+    sub = Subspace(list(model.parameters()), max_rank=2)
+    for step in (7, 8):
+        model.zero_grad()
+        _loss(model, _data(step)[1]).backward()
+        sub.add([p.grad.clone() for p in model.parameters()])
+    assert sub.rank == 2
+    return sub
 
 
 def _make_opt(case, params):
@@ -192,6 +209,10 @@ def _run_case(rank: int, case: dict) -> dict:
         kind = dict(reference=capture_reference(engine, cap_fn))
     elif case.get("ema") is not None:
         kind = dict(reference_fn=cap_fn, ema_beta=case["ema"], refresh_every=case["refresh"])
+    elif case.get("subspace"):
+        from atax_kernels.integrations.deepspeed import partition_subspace
+
+        kind = dict(reference=partition_subspace(engine, _subspace()))
     else:
         kind = dict(reference_fn=cap_fn)
     handle = attach_engine(engine, **kind, mode=case["mode"], strength=case.get("strength", 1.0),
@@ -304,6 +325,8 @@ def _cases(stage: int) -> dict:
         "sgd_static_2": dict(sgd, steps=2, static=True),
         # an EMA of the captures, captured every 2nd step (steps 0 and 2 capture, 1 and 3 reuse the EMA)
         "adamw_ema": dict(stage=stage, opt="adamw", steps=4, mode="orthogonal", gas=1, ema=0.5, refresh=2),
+        # a Subspace (full-parameter basis, built outside the engine) sliced to each rank's partition
+        "sgd_subspace_2": dict(sgd, steps=2, subspace=True),
         # bf16 model: gradients in bf16 pieces; with fp32 accumulation ZeRO-2 uses one flat fp32 buffer
         # (GradPartitionBufferGroup). ZeRO-1 with fp32 accumulation is DeepSpeed's BF16_Optimizer: refused.
         "bf16": dict(stage=stage, opt="adamw", steps=2, mode="orthogonal", gas=1, bf16=True),

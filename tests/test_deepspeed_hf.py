@@ -43,6 +43,7 @@ from atax_kernels.integrations.hf import attach
 mode, out, steps = os.environ["ATAX_MODE"], os.environ["ATAX_OUT"], int(os.environ["ATAX_STEPS"])
 activation = os.environ.get("ATAX_REF") == "activation"
 ema = os.environ.get("ATAX_REF") == "ema"
+subspace = os.environ.get("ATAX_REF") == "subspace"
 rank = int(os.environ["RANK"])
 if mode != "ddp":
     import deepspeed
@@ -82,6 +83,20 @@ def run(sub, max_steps, resume=None, save_steps=None):
         from atax_kernels import ActivationSubspace
         sub_ = ActivationSubspace.from_loader(trainer.model, [caps[rank], caps[rank + 2]], energy=0.9)
         handle = attach(trainer, reference=sub_, refresh_every=2)
+    elif subspace:
+        # two capability gradients of the initial model (every rank the same), in the optimizer's order (the
+        # Trainer's weight-decay group first), as the Subspace reference asks on every path
+        from atax_kernels import Subspace
+        probe = T.make_model(tok)
+        decay = set(trainer.get_decay_parameter_names(probe))
+        named = [(n, p) for n, p in probe.named_parameters() if p.requires_grad]
+        order = [p for n, p in named if n in decay] + [p for n, p in named if n not in decay]
+        sub_ = Subspace(order, max_rank=2)
+        for b in caps[:2]:
+            probe.zero_grad()
+            probe(**b).loss.backward()
+            sub_.add([p.grad.clone() for p in order])
+        handle = attach(trainer, reference=sub_)
     elif ema:
         from atax_kernels.hf import EMA
         handle = attach(trainer, reference=EMA([caps[rank], caps[rank + 2]], beta=0.5), refresh_every=2)
@@ -233,6 +248,31 @@ def test_dpo_trainer_zero_ema_matches_ddp_and_resumes_exactly(stage, tmp_path_fa
     for e, d in zip(r0["logs"], ddp["logs"]):
         assert e["atax/skipped"] == 0.0 and 0.0 < e["atax/removed_fraction"] <= 1.0, e
         for k in ("atax/cosine", "atax/removed_fraction", "atax/ref_norm"):
+            assert abs(e[k] - d[k]) <= 1e-4 * max(1.0, abs(d[k])), (k, e, d)
+    init = torch.load(tmp / f"z{stage}-init.pt")
+    moved = float((theta_ddp - init).norm())
+    assert moved > 1e-3 and float((t0 - theta_ddp).norm()) / moved <= 1e-4
+    (s0, u0), (s1, u1) = _load(tmp, f"z{stage}-resumed-rank0"), _load(tmp, f"z{stage}-resumed-rank1")
+    assert s0["global_step"] == STEPS and torch.equal(u0, t0) and torch.equal(u1, t1)
+    assert s0["logs"][-1] == r0["logs"][-1], (s0["logs"], r0["logs"])
+
+
+@pytest.mark.parametrize("stage", [2, 3])
+def test_dpo_trainer_zero_subspace_matches_ddp_and_resumes_exactly(stage, tmp_path_factory):
+    """A Subspace reference under ZeRO (each basis vector sliced to the rank's partitions): the DDP path's
+    statistics and parameters, and a bit-exact resume from checkpoint-2."""
+    ddp_dir, tmp = tmp_path_factory.mktemp("ddp_sub"), tmp_path_factory.mktemp(f"z{stage}_sub")
+    _launch(ddp_dir, "ddp", "subspace")
+    ddp, theta_ddp = _load(ddp_dir, "ddp-full-rank0")
+    _launch(tmp, f"z{stage}", "subspace")
+    (r0, t0), (r1, t1) = _load(tmp, f"z{stage}-full-rank0"), _load(tmp, f"z{stage}-full-rank1")
+    assert r0["global_step"] == STEPS and r0["steps"] == STEPS
+    assert len(r0["logs"]) == STEPS and r0["logs"] == r1["logs"] and torch.equal(t0, t1)
+    for e, d in zip(r0["logs"], ddp["logs"]):
+        assert e["atax/skipped"] == 0.0 and 0.0 < e["atax/removed_fraction"] <= 1.0, e
+        # two references: atax/cosine/0, /1 and atax/ref_norm/0, /1 (unit norms: the basis is orthonormal)
+        assert set(e) == set(d) and {"atax/cosine/1", "atax/ref_norm/1"} <= set(e), (e, d)
+        for k in e:
             assert abs(e[k] - d[k]) <= 1e-4 * max(1.0, abs(d[k])), (k, e, d)
     init = torch.load(tmp / f"z{stage}-init.pt")
     moved = float((theta_ddp - init).norm())

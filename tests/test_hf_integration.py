@@ -442,7 +442,6 @@ def _deepspeed_trainer(zero: dict | None = None):
 
 
 @pytest.mark.parametrize("zero, reference, kw, match", [
-    (None, lambda: Subspace([torch.ones(2, 2), torch.ones(2)], max_rank=1), {}, "Subspace reference"),
     (None, lambda: (lambda m: None), {"refresh_every": 2}, "refresh_every=2"),
     ({"stage": 0}, lambda: (lambda m: None), {}, "stage=0"),
     ({"stage": 3, "offload_optimizer": {"device": "cpu"}}, lambda: (lambda m: None), {}, "offload_optimizer"),

@@ -13,8 +13,8 @@ from __future__ import annotations
 
 from .activation import ActivationEngineHandle, attach_activation
 from .checkpoint import load_reference
-from .handle import EngineHandle, attach_engine, capture_reference
+from .handle import EngineHandle, attach_engine, capture_reference, partition_subspace
 from .partitions import PartitionedReference, ZeroPartitions, check_supported
 
-__all__ = ["attach_engine", "attach_activation", "ActivationEngineHandle", "capture_reference", "load_reference", "EngineHandle", "PartitionedReference",
+__all__ = ["attach_engine", "attach_activation", "ActivationEngineHandle", "partition_subspace", "capture_reference", "load_reference", "EngineHandle", "PartitionedReference",
            "ZeroPartitions", "check_supported"]

@@ -29,7 +29,7 @@ if TYPE_CHECKING:  # annotations only
     from ...activation import ActivationSubspace
     from .activation import ActivationEngineHandle
 
-__all__ = ["attach_engine", "capture_reference", "EngineHandle", "PartitionedReference"]
+__all__ = ["attach_engine", "capture_reference", "partition_subspace", "EngineHandle", "PartitionedReference"]
 
 
 def _patched(original: Callable[..., Any], impl: Callable[..., Any]) -> Callable[..., Any]:
@@ -265,7 +265,9 @@ class EngineHandle:
             if ref.numels != [g.numel() for g in grads]:
                 raise ValueError(f"reference[{j}] does not match this engine's gradient partition layout "
                                  f"(captured on another engine, rank or model?)")
-        ref_lists = [r.tensors for r in refs]
+        # references sliced from full tensors (partition_subspace) are flat; ZeRO-1/2 pieces can keep the
+        # parameter's shape: the same elements in the same order, so a view lines them up
+        ref_lists = [[t if t.shape == g.shape else t.view(g.shape) for t, g in zip(r.tensors, grads)] for r in refs]
         dtypes = {t.dtype for lst in [grads, *ref_lists] for t in lst}
         impl = resolve(self.backend, self.partitions.device, dtypes)
         self.last_stats = project_resolved(impl, grads, ref_lists, self.mode, self.alpha, self.granularity,
@@ -294,6 +296,48 @@ def _capture(engine: Any, partitions: ZeroPartitions, loss_fn: Callable[[], torc
         engine._is_gradient_accumulation_boundary = saved
         engine.optimizer.set_gradient_accumulation_boundary(engine.is_gradient_accumulation_boundary())
         partitions.reset()
+
+
+def partition_subspace(engine: Any, subspace: Any,
+                       params: Sequence[torch.Tensor] | None = None) -> list[PartitionedReference]:
+    """A :class:`~atax_kernels.Subspace` (full-parameter basis vectors) as this rank's fixed references, for
+    ``attach_engine(engine, reference=partition_subspace(engine, subspace))``: each basis vector sliced to the
+    part of the gradient this rank holds. ``params``: the parameters the subspace's tensors are aligned with
+    (default: the trainable parameters of ``engine.module`` in model order; shapes are checked, ZeRO-3's real
+    shapes read from ``ds_shape``). The projection solves with the references' all-reduced Gram, so a basis kept
+    in bf16 is handled exactly too. Memory: ``rank`` copies of the rank's partition (the full basis is the
+    caller's)."""
+    from ...references.subspace import Subspace
+
+    if not isinstance(subspace, Subspace):
+        raise TypeError(f"subspace must be an atax_kernels.Subspace, got {type(subspace).__name__}")
+    if subspace.rank == 0:
+        raise ValueError("the Subspace is empty (rank 0): add directions first")
+    partitions = ZeroPartitions(engine)
+    aligned = list(params) if params is not None else [p for p in engine.module.parameters() if p.requires_grad]
+    if len(aligned) != len(subspace.shapes):
+        raise ValueError(f"the Subspace covers {len(subspace.shapes)} tensors but {len(aligned)} parameters were "
+                         f"given (default: engine.module's trainable parameters in model order)")
+    index = {}
+    for i, (p, shape) in enumerate(zip(aligned, subspace.shapes)):
+        real = tuple(getattr(p, "ds_shape", None) or p.shape)
+        if real != tuple(shape):
+            raise ValueError(f"the Subspace's tensor {i} has shape {tuple(shape)}, parameter {i} has {real}")
+        index[id(p)] = i
+    missing = [j for j, p in enumerate(partitions.params) if id(p) not in index]
+    if missing:
+        raise ValueError(f"{len(missing)} parameter(s) the ZeRO optimizer trains are not covered by the Subspace's "
+                         f"parameters (the first is number {missing[0]} of the optimizer's)")
+    dtype = getattr(partitions.opt, "gradient_accumulation_dtype", torch.float32)
+    out = []
+    for vec in subspace.basis:
+        parts = []
+        for p in partitions.params:
+            start, numel = partitions.fragment(p)
+            t = vec[index[id(p)]].reshape(-1).narrow(0, start, numel)
+            parts.append(t.to(device=partitions.device, dtype=dtype, copy=True))
+        out.append(PartitionedReference(parts))
+    return out
 
 
 def capture_reference(engine: Any, loss_fn: Callable[[], torch.Tensor]) -> PartitionedReference:

@@ -208,6 +208,16 @@ class ZeroPartitions:
         return [m.hp_fragment_address.numel if (m := getattr(p, "_hp_mapping", None)) is not None else 0
                 for p in self.params]
 
+    def fragment(self, p: torch.Tensor) -> tuple[int, int]:
+        """``(start, numel)``: the range of the flattened parameter ``p`` whose reduced gradient this rank holds
+        (the element order of :meth:`views`; ``numel`` 0 where it holds none)."""
+        if self.stage3:
+            size = p.partition_numel()
+            rank = self.opt._get_param_partition_rank(p)
+            return rank * size, max(0, min(size, p.ds_numel - rank * size))
+        m = getattr(p, "_hp_mapping", None)
+        return (0, 0) if m is None else (m.lp_fragment_address.start, m.lp_fragment_address.numel)
+
     # --- resetting ------------------------------------------------------------------------------------
 
     def reset(self) -> None:

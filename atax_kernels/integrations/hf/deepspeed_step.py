@@ -10,7 +10,8 @@ the logging window; ``on_train_end`` detaches the engine handle.
 
 Served: live capability references (batches, a ``(model) -> loss`` callable, ``CapabilitySource``) with
 ``refresh_every=1``, ``EMA`` references (the EMA kept partitioned in the engine handle, captured every
-``refresh_every`` steps), and ``ActivationSubspace`` references (``attach_activation`` on the engine; the bases are
+``refresh_every`` steps), ``Subspace`` references (sliced to each rank's partitions; aligned with the optimizer's
+parameters, as on the other paths), and ``ActivationSubspace`` references (``attach_activation`` on the engine; the bases are
 refreshed every ``refresh_every`` steps at the window's last micro-batch, before its forward); the rest is refused
 at ``attach`` with what is missing (:func:`refuse`).
 Checkpoints: the Trainer saves through ``model_wrapped.save_checkpoint`` (patched by ``attach_engine``: each
@@ -70,11 +71,8 @@ def refuse(trainer: Any, ref: Any, refresh_every: int) -> None:
         _refuse_stage_and_offload(where, zero)
         return
     if isinstance(ref, Subspace):
-        raise NotImplementedError(
-            f"{where}: a Subspace reference is not supported: its basis is over full parameters, ZeRO holds "
-            f"each rank's partition (slicing the basis per rank and all-reducing its orthonormalisation is not "
-            f"built). Use capability batches, or attach_engine(engine, reference=capture_reference(...)) in a "
-            f"plain DeepSpeed loop for fixed references")
+        _refuse_stage_and_offload(where, zero)
+        return
     if not isinstance(ref, CapabilitySource):   # pragma: no cover - attach normalises references
         raise TypeError(f"{where}: unexpected reference {type(ref).__name__}")
     if refresh_every != 1:
@@ -126,6 +124,8 @@ class DeepSpeedStep:
             self.engine_handle.detach()
         if isinstance(self.reference, ActivationSubspace):
             return self._ds_begin_activation(engine)
+        if isinstance(self.reference, Subspace):
+            return self._ds_begin_subspace(engine)
         ema = self.reference if isinstance(self.reference, EMA) else None
         source: CapabilitySource = ema.source if ema is not None else self.reference
 
@@ -163,6 +163,23 @@ class DeepSpeedStep:
                     h.ema = [t.to(h.partitions.device) for t in ds_state["ema"]]
                     h.ema_count = int(ds_state["ema_count"])
             self._resume_dir = None
+        self.engine_handle.steps = self.steps
+        self._ds_seen = self.steps
+
+    def _ds_begin_subspace(self, engine: Any) -> None:
+        """A Subspace reference: its basis vectors, aligned with the optimizer's parameters as on the other paths
+        (``param_groups`` order, which ZeRO keeps), sliced to this rank's partitions as fixed references."""
+        from ..deepspeed import attach_engine, partition_subspace
+        from ..deepspeed.partitions import ZeroPartitions
+
+        refs = partition_subspace(engine, self.reference, params=ZeroPartitions(engine).params)
+        self.engine_handle = attach_engine(engine, reference=refs,
+                                           mode=self.mode, strength=self.strength, granularity=self.granularity,
+                                           backend=self.backend)
+        state, self._resume_state = self._resume_state, None
+        if state is not None:
+            self.steps = int(state["steps"])
+        self._resume_dir = None
         self.engine_handle.steps = self.steps
         self._ds_seen = self.steps
 

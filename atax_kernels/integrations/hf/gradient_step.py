@@ -74,6 +74,12 @@ class GradientStep:
             if len(ref.shapes) != len(params):
                 raise ValueError(f"the Subspace covers {len(ref.shapes)} tensors, the optimizer has {len(params)} "
                                  f"parameters (build it from [p for g in optimizer.param_groups for p in g['params']])")
+            for i, (shape, p) in enumerate(zip(ref.shapes, params)):
+                if tuple(shape) != tuple(p.shape):
+                    raise ValueError(f"the Subspace's tensor {i} has shape {tuple(shape)} but the optimizer's parameter "
+                                     f"{i} has {tuple(p.shape)}: build it in the optimizer's order ([p for g in "
+                                     f"optimizer.param_groups for p in g['params']]; the Trainer puts the weight-decay "
+                                     f"group first)")
             refs, scales = [list(v) for v in ref.basis], [1.0] * ref.rank
         elif isinstance(ref, EMA):
             if ref.count == 0:
