@@ -448,6 +448,15 @@ def _refusal_worker(rank: int, port: int) -> None:
         assert handle.steps == 1 and handle.last_stats is not None
         with pytest.raises(TypeError, match="scalar tensor"):
             handle.capture(lambda: 1.0)
+        handle.detach()
+        # a non-finite capability gradient without an fp16 loss scaler to skip the step: an error, not a NaN step
+        eng = engine(stage=2)
+        handle = attach_engine(eng, reference_fn=lambda: _loss(eng, batch) * float("inf"))
+        with pytest.raises(RuntimeError, match="not finite"):
+            eng.backward(_loss(eng, batch))
+        # EMA settings are checked before anything is patched
+        with pytest.raises(ValueError, match="needs ema_beta"):
+            attach_engine(engine(stage=2), reference_fn=lambda: _loss(eng, batch), refresh_every=2)
     finally:
         torch.distributed.destroy_process_group()
 

@@ -30,24 +30,27 @@ CASES = ("1", "2", "3", "2-offload", "3-offload")  # ZeRO stage, and CPU offload
 
 
 class Net(torch.nn.Module):
-    """Embedding(8, 10) -> Linear(10, 7) -> tanh -> Linear(7, 3): rows of 10 and 7 elements."""
+    """Embedding(8, 10) -> Linear(10, 7) -> tanh -> Linear(7, 10) -> a head tied to the embedding (8 x 10):
+    rows of 10 and 7 elements; the tied weight gets both edits (token rows kept, columns projected)."""
 
     def __init__(self) -> None:
         super().__init__()
         torch.manual_seed(0)
         self.emb = torch.nn.Embedding(VOCAB, 10)
         self.fc1 = torch.nn.Linear(10, 7)
-        self.fc2 = torch.nn.Linear(7, 3)
+        self.fc2 = torch.nn.Linear(7, 10, bias=False)  # 227 parameters: ZeRO-1/2 cut a row of fc1
+        self.head = torch.nn.Linear(10, VOCAB, bias=False)
+        self.head.weight = self.emb.weight
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        return self.fc2(torch.tanh(self.fc1(self.emb(ids)))).mean(1)
+        return self.head(self.fc2(torch.tanh(self.fc1(self.emb(ids))))).mean(1)
 
 
 def _batch(step: int, side: str):
     g = torch.Generator().manual_seed(1000 * (side == "cap") + step)
     # capability batches use tokens 0-4 only, so the embedding's protected rows are a strict subset
     ids = torch.randint(0, 5 if side == "cap" else VOCAB, (N, T), generator=g)
-    return ids, torch.randn(N, 3, generator=g)
+    return ids, torch.randn(N, VOCAB, generator=g)
 
 
 def _loss(model, batch):
@@ -190,12 +193,15 @@ def test_zero_activation_step_matches_single_process(tmp_path):
             assert a["frac"][step] == pytest.approx(want["frac"][step], rel=1e-4)
             assert 0.01 < a["frac"][step] < 0.99, "the projection removed nothing or everything: vacuous"
             now = a["params"][step]
+            assert set(bases) == {"fc1", "fc2", "head"}
             for name, u in bases.items():
-                dw = (now[name + ".weight"] - prev[name + ".weight"]).double()
+                key = "emb.weight" if name == "head" else name + ".weight"  # the head is tied to the embedding
+                dw = (now[key] - prev[key]).double()
                 # the update is off the protected span: |dW U| ~ 0 (fp32 round-off of the master update)
                 assert float((dw @ u).norm()) <= 1e-5 * float(dw.norm()), f"ZeRO-{stage} {name}: dW U != 0"
                 assert float(dw.norm()) > 0
-                assert torch.equal(now[name + ".bias"], prev[name + ".bias"]), f"{name}.bias moved (frozen)"
+                if name + ".bias" in now:
+                    assert torch.equal(now[name + ".bias"], prev[name + ".bias"]), f"{name}.bias moved (frozen)"
             d_emb = now["emb.weight"] - prev["emb.weight"]
             assert float(d_emb[tokens].abs().max()) == 0, f"ZeRO-{stage}: a protected embedding row moved"
             assert float(d_emb.abs().max()) > 0
@@ -284,3 +290,27 @@ def _refusal_worker(rank: int, port: int) -> None:
 
 def test_zero_activation_refusals():
     _spawn(_refusal_worker)
+
+
+def test_offload_settings_checked_per_space():
+    """check_supported reads the engine's offload config: CPU offload is served in activation space only;
+    NVMe and a partial optimizer offload (ratio < 1: ZeRO-3 steps the GPU-resident sub-groups with a second
+    optimizer, and DeepSpeed builds it only with DeepSpeedCPUAdam, so no engine can be made here) are refused."""
+    import types
+
+    from atax_kernels.integrations.deepspeed import check_supported
+
+    Stage3 = type("DeepSpeedZeroOptimizer_Stage3", (), {})
+
+    def engine(**offload):
+        cfg = types.SimpleNamespace(device=offload.get("device", "cpu"), ratio=offload.get("ratio", 1.0))
+        return types.SimpleNamespace(optimizer=Stage3(), zero_optimization_stage=lambda: 3,
+                                     zero_offload_optimizer=lambda: cfg, zero_offload_param=lambda: None)
+
+    check_supported(engine(), "activation")
+    with pytest.raises(NotImplementedError, match="offload_optimizer is not supported for gradient space"):
+        check_supported(engine(), "gradient")
+    with pytest.raises(NotImplementedError, match="ratio=0.5"):
+        check_supported(engine(ratio=0.5), "activation")
+    with pytest.raises(NotImplementedError, match="device=nvme"):
+        check_supported(engine(device="nvme"), "activation")

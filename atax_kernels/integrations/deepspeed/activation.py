@@ -79,8 +79,8 @@ class ActivationEngineHandle:
         subspace: the :class:`~atax_kernels.ActivationSubspace` (its bases must be the same on every rank:
             ``update()`` sums the moments over the data-parallel group, so refresh on every rank together).
         last_stats: :class:`~atax_kernels.ActivationStats` of the last step (global values, the same on every
-            rank), or None.
-        steps: optimizer steps projected so far.
+            rank), or None (before the first step, or the last one was skipped by ZeRO's overflow check).
+        steps: optimizer steps taken so far (skipped ones included).
         last_exchange_numel: float64 numbers all-reduced in the last step (cut-row coefficients and stats).
     """
 
@@ -203,6 +203,13 @@ class ActivationEngineHandle:
 
     # --- the step ---------------------------------------------------------------------------------------
 
+    def _comm_device(self) -> torch.device:
+        """Where the exchange buffers live: NCCL needs CUDA tensors even when the fp32 partitions are offloaded
+        to the CPU; gloo takes them where the partitions are."""
+        if torch.distributed.get_backend(self.partitions.group) == "nccl":
+            return torch.device("cuda", torch.cuda.current_device())
+        return self.partitions.device
+
     def _basis(self, t: _Target, device: torch.device) -> torch.Tensor | None:
         basis = t.entry.group.basis
         if basis is None or basis.shape[1] == 0:
@@ -234,19 +241,22 @@ class ActivationEngineHandle:
         self._key_of_flat = ({id(f): i for i, f in enumerate(self.opt.fp32_partitioned_groups_flat)}
                              if self.partitions.stage3 else
                              {id(f): i for i, f in enumerate(self.opt.single_partition_of_fp32_groups)})
-        self._check_bases_agree(self.partitions.device)
+        self._check_bases_agree(self._comm_device())
         try:
             out = orig_step(*args, **kwargs)
         finally:
             self._layout = None
-        if self._step_stats is not None:  # None: ZeRO skipped the update (overflow)
+        # every optimizer step counts (the refresh schedule is in steps, as on one process); one ZeRO skipped
+        # (fp16 overflow: the inner step never ran) has no stats
+        self.steps += 1
+        self.last_stats = None
+        if self._step_stats is not None:
             per = self._step_stats
             tot = per.sum(0)
             frac = torch.where(tot[0] > 0, (tot[1] / tot[0].clamp_min(1e-300)).sqrt(), tot.new_zeros(()))
             self.last_stats = ActivationStats(ranks=self.subspace.ranks(), names=[t.label for t in self.targets],
                                               per_target=per, update_removed_fraction=frac)
             self.last_exchange_numel = self._exchanged
-            self.steps += 1
         return out
 
     def _inner_step(self, orig_inner: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
@@ -258,56 +268,76 @@ class ActivationEngineHandle:
         if not chosen:
             return orig_inner(*args, **kwargs)
         frags = [layout[i] for i in chosen if layout[i] is not None]
-        deltas = [f.view().clone() for f in frags]
+        # one snapshot per parameter: a tied weight (an embedding's token rows and the lm_head's columns) is two
+        # targets of one fragment, and its two edits (row zeroing, column projection) commute on one delta
+        owners: list[_Fragment] = []
+        seen: set[int] = set()
+        for f in frags:
+            if id(self.targets[f.target].param) not in seen:
+                seen.add(id(self.targets[f.target].param))
+                owners.append(f)
+        deltas = [f.view().clone() for f in owners]
         out = orig_inner(*args, **kwargs)
-        now = [f.view() for f in frags]
-        if frags:
+        now = [f.view() for f in owners]
+        if owners:
             torch._foreach_sub_(deltas, now)
             torch._foreach_neg_(deltas)       # realised update dW = new - old
             torch._foreach_sub_(now, deltas)  # back to old (exact where old and new are within 2x: Sterbenz)
-        self._project(chosen, frags, deltas)
-        if frags:
+        delta_of = {id(self.targets[f.target].param): d for f, d in zip(owners, deltas)}
+        self._project(chosen, frags, [delta_of[id(self.targets[f.target].param)] for f in frags])
+        if owners:
             torch._foreach_add_(now, deltas)  # old + projected dW
         return out
 
     def _project(self, chosen: list[int], frags: list[_Fragment], deltas: list[torch.Tensor]) -> None:
         from ...ops import remove_span_
 
-        device = self.partitions.device
+        local = self.partitions.device   # where the fragments (and so the bases used on them) live
+        comm = self._comm_device()       # where the exchange buffer lives
         # the exchange buffer: the cut rows' coefficients of the chosen targets, then [before, removed] per target
         slot_base: dict[int, int] = {}
         width: dict[int, int] = {}
         size = 0
         for ti in chosen:
             t = self.targets[ti]
-            u = self._basis(t, device) if t.role == "dense" else None
+            u = self._basis(t, local) if t.role == "dense" else None
             width[ti] = 0 if u is None else u.shape[1]
             slot_base[ti] = size
             size += width[ti] * len(self._cut_slots[ti])
         stats_at = size
-        buf = torch.zeros(size + 2 * len(chosen), dtype=torch.float64, device=device)
-        stat_row = {ti: stats_at + 2 * j for j, ti in enumerate(chosen)}
+        n_stats = 2 * len(chosen)
+        stat_row = {ti: 2 * j for j, ti in enumerate(chosen)}
+        stats_local = torch.zeros(n_stats, dtype=torch.float64, device=local)
+        coefs_local = torch.zeros(size, dtype=torch.float64, device=local)
         full_targets, full_bases, full_owner = [], [], []
         partials = []  # (target, segment, first column, coefficient offset)
+        # zeroing waits until the column projection is done: a tied weight's two edits commute, and the stats
+        # are then those of the single-process path (each edit measured on the unedited update)
+        zero_rows: list[tuple[torch.Tensor, torch.Tensor]] = []
+        zero_all: list[torch.Tensor] = []
         for f, d in zip(frags, deltas):
             t = self.targets[f.target]
-            buf[stat_row[f.target]] += torch.sum(d.double() ** 2)
+            at = stat_row[f.target]
             if t.role == "frozen":
-                buf[stat_row[f.target] + 1] += torch.sum(d.double() ** 2)
-                d.zero_()
+                stats_local[at] += torch.sum(d.double() ** 2)
+                stats_local[at + 1] += torch.sum(d.double() ** 2)
+                zero_all.append(d)
                 continue
             if t.role == "rows":
                 tokens = t.entry.tokens
-                if tokens is not None and tokens.numel():
-                    row = torch.arange(f.start, f.start + f.numel, device=d.device) // t.row_len
-                    hit = torch.isin(row, tokens.to(d.device))
-                    buf[stat_row[f.target] + 1] += torch.sum(d[hit].double() ** 2)
-                    d.masked_fill_(hit, 0)
+                if tokens is None or tokens.numel() == 0:
+                    continue  # nothing protected: not counted (as on one process)
+                stats_local[at] += torch.sum(d.double() ** 2)
+                row = torch.arange(f.start, f.start + f.numel, device=d.device) // t.row_len
+                hit = torch.isin(row, tokens.to(d.device))
+                stats_local[at + 1] += torch.sum(d[hit].double() ** 2)
+                zero_rows.append((d, hit))
                 continue
+            stats_local[at] += torch.sum(d.double() ** 2)
             k = width[f.target]
             if k == 0:
                 continue
-            u = self._basis(t, device)
+            u = self._basis(t, local)
             c = t.row_len
             head = min((-f.start) % c, f.numel)
             whole = (f.numel - head) // c
@@ -326,27 +356,33 @@ class ActivationEngineHandle:
         for ti, seg, col, at in partials:
             u = self.targets[ti].entry.group.basis
             k = u.shape[1]
-            buf[at: at + k] += seg.double() @ u[col: col + seg.numel()].double()
+            coefs_local[at: at + k] += seg.double() @ u[col: col + seg.numel()].double()
         if full_targets:
             per = remove_span_(full_targets, full_bases, backend=self.backend)
-            for ti, removed in zip(full_owner, per[:, 1].to(device)):
-                buf[stat_row[ti] + 1] += removed
+            for ti, removed in zip(full_owner, per[:, 1].to(local)):
+                stats_local[stat_row[ti] + 1] += removed
+        buf = torch.cat([coefs_local, stats_local]).to(comm)
         torch.distributed.all_reduce(buf, group=self.partitions.group)
         self._exchanged += buf.numel()
+        summed = buf.to(local)
         for ti, seg, col, at in partials:
             u = self.targets[ti].entry.group.basis
-            coef = buf[at: at + u.shape[1]]
+            coef = summed[at: at + u.shape[1]]
             seg.sub_((u[col: col + seg.numel()].double() @ coef).to(seg.dtype))
+        for d, hit in zero_rows:
+            d.masked_fill_(hit, 0)
+        for d in zero_all:
+            d.zero_()
         # each cut row's removed part is |coef|^2 (orthonormal basis), counted once, the same on every rank
-        stats = buf[stats_at:].view(-1, 2).clone()
+        stats = summed[stats_at:].view(-1, 2).clone()
         for j, ti in enumerate(chosen):
             k = width[ti]
             if k and self._cut_slots[ti]:
-                coefs = buf[slot_base[ti]: slot_base[ti] + k * len(self._cut_slots[ti])]
+                coefs = summed[slot_base[ti]: slot_base[ti] + k * len(self._cut_slots[ti])]
                 stats[j, 1] += torch.sum(coefs ** 2)
         if self._step_stats is None:
-            self._step_stats = torch.zeros((len(self.targets), 2), dtype=torch.float64, device=device)
-        self._step_stats[torch.tensor(chosen, device=device)] += stats
+            self._step_stats = torch.zeros((len(self.targets), 2), dtype=torch.float64, device=local)
+        self._step_stats[torch.tensor(chosen, device=local)] += stats
 
     # --- checkpoints --------------------------------------------------------------------------------------
 
@@ -365,9 +401,8 @@ class ActivationEngineHandle:
         out = orig(load_dir, tag, *args, **kwargs)
         if isinstance(out, tuple) and out and out[0] is None:
             return out  # DeepSpeed found nothing to load
-        if tag is None:
-            with open(os.path.join(load_dir, "latest")) as f:
-                tag = f.read().strip()
+        if tag is None:  # the tag DeepSpeed resolved ("latest", or "latest_universal" for universal checkpoints)
+            tag = _loaded_tag(load_dir, out)
         path = self._state_path(load_dir, tag)
         if os.path.isfile(path):
             state = torch.load(path, map_location="cpu", weights_only=False)
@@ -386,6 +421,21 @@ class ActivationEngineHandle:
             else:
                 setattr(obj, attr, saved)
         self.engine.__dict__.pop("_atax_handle", None)
+
+
+def _loaded_tag(load_dir: str, out: Any) -> str:
+    """The tag folder ``engine.load_checkpoint(load_dir, tag=None)`` loaded: the folder of the file path it
+    returned, else the ``latest`` / ``latest_universal`` file's content."""
+    path = out[0] if isinstance(out, tuple) and out else None
+    if isinstance(path, str) and os.path.dirname(path):
+        rel = os.path.relpath(os.path.dirname(path), load_dir)
+        if rel and not rel.startswith(".."):
+            return rel.split(os.sep)[0]
+    for name in ("latest", "latest_universal"):
+        if os.path.isfile(os.path.join(load_dir, name)):
+            with open(os.path.join(load_dir, name)) as f:
+                return f.read().strip()
+    raise FileNotFoundError(f"cannot tell which tag of {load_dir} DeepSpeed loaded (no 'latest' file)")
 
 
 def attach_activation(engine: Any, subspace: Any, *, backend: str | None = None) -> ActivationEngineHandle:

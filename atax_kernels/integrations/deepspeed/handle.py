@@ -12,6 +12,7 @@ partition group -> the same solve on every rank -> ``combine_`` in place (``proj
 from __future__ import annotations
 
 import functools
+import math
 import warnings
 from typing import TYPE_CHECKING, Any, Callable, Sequence
 
@@ -55,7 +56,8 @@ class EngineHandle:
     def __init__(self, engine: Any, reference_fn: Callable[[], torch.Tensor] | None,
                  reference: PartitionedReference | Sequence[PartitionedReference] | None,
                  mode: str, strength: float, granularity: str, backend: str | None,
-                 ema_beta: float | None = None, refresh_every: int = 1) -> None:
+                 ema_beta: float | None = None, refresh_every: int = 1,
+                 reference_dtype: torch.dtype | None = None) -> None:
         if (reference_fn is None) == (reference is None):
             raise ValueError("give exactly one of reference_fn (a callable returning the capability loss, run once "
                              "per optimizer step) and reference (PartitionedReference(s) from capture_reference())")
@@ -75,6 +77,11 @@ class EngineHandle:
         self.refresh_every = refresh_every
         self.ema: list[torch.Tensor] | None = None   # this rank's partition of the EMA of the captures
         self.ema_count = 0
+        if reference_dtype is not None and (not isinstance(reference_dtype, torch.dtype)
+                                            or not reference_dtype.is_floating_point):
+            raise TypeError(f"reference_dtype must be a floating torch.dtype, got {reference_dtype!r}")
+        self.reference_dtype = reference_dtype
+        self._capture_overflowed = False
         self.mode = validate.check_choice(mode, "mode", MODES)
         self.granularity = validate.check_choice(granularity, "granularity", GRANULARITIES)
         self.alpha = validate.check_strength(strength)
@@ -155,7 +162,8 @@ class EngineHandle:
             self._capturing = False
         if loss_fn is None:
             self._pending = ref
-            if self.ema_beta is not None:
+            self._check_capture(ref)
+            if self.ema_beta is not None and not self._capture_overflowed:
                 self._fold(ref)
         return ref
 
@@ -163,24 +171,47 @@ class EngineHandle:
         # an EMA with nothing folded yet (e.g. fp16's first, overflowing captures) captures at every step
         return self.steps % self.refresh_every == 0 or (self.ema_beta is not None and self.ema is None)
 
+    def _global_sq_norm(self, ref: PartitionedReference) -> float:
+        """The capture's squared norm over every rank (one scalar all-reduce): the same verdict everywhere."""
+        device = self.partitions.device
+        local = sum((t.double() ** 2).sum() for t in ref.tensors) if ref.tensors else torch.zeros((), device=device)
+        total = torch.as_tensor(local, dtype=torch.float64, device=device).reshape(1).clone()
+        if torch.distributed.get_backend(self.partitions.group) == "nccl":
+            total = total.to(torch.device("cuda", torch.cuda.current_device()))
+        torch.distributed.all_reduce(total, group=self.partitions.group)
+        return float(total)
+
+    def _check_capture(self, ref: PartitionedReference) -> None:
+        """A non-finite capture: under fp16 (loss scaling) an overflow, so this step is made to overflow too (ZeRO
+        then skips it and lowers the loss scale; projecting against it, or stepping unprojected, would be wrong);
+        without a loss scaler an error."""
+        if math.isfinite(self._global_sq_norm(ref)):
+            return
+        if getattr(self.engine.optimizer, "dtype", None) == torch.float16:
+            self._capture_overflowed = True
+            return
+        raise RuntimeError("the capability loss's gradient is not finite (no fp16 loss scaler to skip the step): "
+                           "check reference_fn's loss")
+
     def _fold(self, ref: PartitionedReference) -> None:
         """EMA mode: fold this capture into the partitioned EMA when its global squared norm is finite and not
         zero (every rank takes the same decision: the norm is all-reduced)."""
         from ...references.ema import capture_verdict, fold_ema_
 
         device = self.partitions.device
-        local = sum((t.double() ** 2).sum() for t in ref.tensors) if ref.tensors else torch.zeros((), device=device)
-        total = torch.as_tensor(local, dtype=torch.float64, device=device).reshape(1).clone()
-        torch.distributed.all_reduce(total, group=self.partitions.group)
-        if capture_verdict(float(total)) != "fold":
+        if capture_verdict(self._global_sq_norm(ref)) != "fold":
             return
         if self.ema is None:
             self.ema = [None] * len(ref.tensors)  # type: ignore[list-item]
         # fp16 engines scale every backward by the dynamic loss scale, which changes between captures: fold
         # unscaled captures (orthogonal projection itself does not care about the scale)
         scale = float(getattr(self.engine.optimizer, "loss_scale", 1.0) or 1.0)
+        # 16-bit captures are averaged in fp32 unless reference_dtype says otherwise: an unscaled fp16 gradient
+        # underflows and (1 - beta) g steps vanish in bf16 rounding
+        dtype = self.reference_dtype or (torch.float32 if ref.tensors and ref.tensors[0].dtype in (
+            torch.float16, torch.bfloat16) else None)
         fold_ema_(self.ema, list(ref.tensors), first=self.ema_count == 0, beta=self.ema_beta,  # type: ignore[arg-type]
-                  inv_scale=1.0 / scale, dtype=None)
+                  inv_scale=1.0 / scale, dtype=dtype)
         self.ema_count += 1
 
     @property
@@ -204,10 +235,19 @@ class EngineHandle:
 
     def _step(self, *args: Any, **kwargs: Any) -> Any:
         try:
-            self._project()
+            if self._capture_overflowed:
+                # fp16: the capture overflowed; make ZeRO's overflow check see it in the safety gradient too, so
+                # it skips the step and lowers the loss scale (the next window captures again)
+                for t in self.partitions.views():
+                    t.fill_(float("inf"))
+                self.last_stats = None
+                self.steps += 1
+            else:
+                self._project()
         finally:
             self._pending = None
             self._window_open = False
+            self._capture_overflowed = False
         return self._orig_step(*args, **kwargs)
 
     def _save_checkpoint(self, save_dir: str, tag: Any = None, *args: Any, **kwargs: Any) -> Any:
@@ -222,12 +262,17 @@ class EngineHandle:
         out = self._orig_load(load_dir, tag, *args, **kwargs)
         if isinstance(out, tuple) and out and out[0] is None:
             return out  # DeepSpeed found nothing to load
+        if tag is None:  # the tag DeepSpeed resolved ("latest", or "latest_universal" for universal checkpoints)
+            from .activation import _loaded_tag
+
+            tag = _loaded_tag(load_dir, out)
         state = load_state(self.partitions, load_dir, tag)
         if state is not None:
             self.steps = state["steps"]
-            if self.ema_beta is not None and state.get("ema") is not None:
-                self.ema = [t.to(self.partitions.device) for t in state["ema"]]
-                self.ema_count = int(state["ema_count"])
+            if self.ema_beta is not None:  # the checkpoint's EMA, or none (not the one in memory)
+                saved = state.get("ema")
+                self.ema = None if saved is None else [t.to(self.partitions.device) for t in saved]
+                self.ema_count = int(state.get("ema_count", 0)) if saved is not None else 0
             if self._static is not None and state["references"] is not None:
                 self._static = [PartitionedReference([t.to(self.partitions.device) for t in r])
                                 for r in state["references"]]
@@ -239,11 +284,11 @@ class EngineHandle:
         if self.ema_beta is not None:
             if self.ema is None:
                 if self.ema_count == 0 and self._pending is not None:
-                    # captured, but non-finite or all zero (an fp16 engine's first steps overflow on purpose):
-                    # nothing to project against yet; ZeRO skips the step when the safety gradient overflowed too
-                    warnings.warn("atax DeepSpeed EMA: this step's capability capture was non-finite or all zero "
-                                  "and no earlier one was folded: the step is not projected (the next window "
-                                  "captures again)", RuntimeWarning, stacklevel=2)
+                    # captured, but all zero (non-finite captures skip the step, see _step): the capability
+                    # gradient has no direction to protect, so there is nothing to project yet
+                    warnings.warn("atax DeepSpeed EMA: this step's capability gradient is all zero and no earlier "
+                                  "one was folded: nothing to project against (the next window captures again)",
+                                  RuntimeWarning, stacklevel=2)
                     self.last_stats = None
                     self.steps += 1
                     return
@@ -361,6 +406,7 @@ def attach_engine(
     backend: str | None = None,
     ema_beta: float | None = None,
     refresh_every: int = 1,
+    reference_dtype: torch.dtype | None = None,
 ) -> "EngineHandle | ActivationEngineHandle":
     """Project the safety gradient of a DeepSpeed ZeRO-1/2/3 engine off a capability gradient at every step.
 
@@ -389,6 +435,10 @@ def attach_engine(
             the checkpoints.
         refresh_every: with ``ema_beta``: capture (one extra forward + backward) only every this many steps and
             project against the EMA in between.
+        reference_dtype: the EMA's dtype (default: float32 for 16-bit gradients, else the gradient's).
+
+    A capture whose gradient is not finite makes an fp16 engine skip the step (its overflow check sees the
+    safety partition filled with inf and lowers the loss scale); without a loss scaler it is an error.
 
     ``engine.save_checkpoint``/``load_checkpoint`` (patched too) carry the handle's per-rank state (fixed
     references, step count) in the checkpoint's tag folder; see checkpoint.py.
@@ -408,4 +458,4 @@ def attach_engine(
 
         return attach_activation(engine, reference, backend=backend)
     return EngineHandle(engine, reference_fn, reference, mode, strength, granularity, backend, ema_beta,
-                        refresh_every)
+                        refresh_every, reference_dtype)

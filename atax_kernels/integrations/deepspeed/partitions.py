@@ -70,6 +70,11 @@ def check_supported(engine: Any, space: str = "gradient") -> None:
         option = "zero_optimization." + key[len("zero_"):]
         device = str(getattr(getattr(cfg, "device", None), "value", getattr(cfg, "device", ""))).lower()
         if space == "activation":
+            ratio = getattr(cfg, "ratio", 1.0)
+            if ratio is not None and float(ratio) != 1.0:
+                raise NotImplementedError(
+                    f"{option}.ratio={ratio} is not supported for activation space: ZeRO-3 steps the sub-groups kept "
+                    f"on the GPU with a second optimizer the projection does not wrap; use ratio 1.0")
             if device != "cpu":
                 raise NotImplementedError(
                     f"{option} with device={device} is not supported for activation space: the fp32 partitions are "
@@ -247,12 +252,20 @@ def extra_pass(engine: Any) -> Iterator[None]:
     prefetches and *releases* parameters by that trace afterwards; a trace recorded from such an extra pass (a
     different module order, or a forward without backward) left the next training backward holding a released
     parameter ("The size of tensor a (0) must match ...", seen through the HF Trainer with prefetching on).
-    Afterwards the trace is invalidated, so the next training pass records its own. Nothing for ZeRO-1/2."""
+    The trace is invalidated before (so the extra pass records rather than prefetches by a trace it does not
+    follow) and after (so the next training pass records its own). With a capture every step, training passes
+    then never reach a complete trace: prefetching is effectively off under ZeRO-3 with ``reference_fn``
+    (refresh_every > 1 with an EMA, or a fixed reference, keeps it on between captures). Nothing for ZeRO-1/2."""
+    offload = getattr(getattr(engine, "optimizer", None), "parameter_offload", None)
+    get = getattr(offload, "get_param_coordinator", None)
+    coordinator = get() if callable(get) else None
+
+    def invalidate() -> None:
+        if coordinator is not None and not coordinator.is_invalid_trace():
+            coordinator._invalidate_trace()
+
+    invalidate()  # the extra pass itself must not prefetch (and release) by the training pass's trace
     try:
         yield
     finally:
-        offload = getattr(getattr(engine, "optimizer", None), "parameter_offload", None)
-        get = getattr(offload, "get_param_coordinator", None)
-        coordinator = get() if callable(get) else None
-        if coordinator is not None and not coordinator.is_invalid_trace():
-            coordinator._invalidate_trace()
+        invalidate()

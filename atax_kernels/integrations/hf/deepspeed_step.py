@@ -142,7 +142,8 @@ class DeepSpeedStep:
         self.engine_handle = attach_engine(engine, reference_fn=reference_fn, mode=self.mode,
                                            strength=self.strength, granularity=self.granularity,
                                            backend=self.backend, ema_beta=None if ema is None else ema.beta,
-                                           refresh_every=self.refresh_every if ema is not None else 1)
+                                           refresh_every=self.refresh_every if ema is not None else 1,
+                                           reference_dtype=self.reference_dtype if ema is not None else None)
         state, self._resume_state = self._resume_state, None
         if state is not None:
             self.steps = int(state["steps"])
