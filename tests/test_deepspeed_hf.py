@@ -198,85 +198,57 @@ def test_dpo_trainer_zero_matches_ddp_and_resumes_exactly(stage, ddp_run, tmp_pa
     assert s0["logs"][-1] == r0["logs"][-1], (s0["logs"], r0["logs"])
 
 
-@pytest.fixture(scope="module")
-def ddp_activation_run(tmp_path_factory):
-    """The DDP path of ``attach(trainer, reference=ActivationSubspace)``: the numbers ZeRO must match."""
-    tmp = tmp_path_factory.mktemp("ddp_act")
-    _launch(tmp, "ddp", "activation")
-    (r0, t0), (r1, t1) = _load(tmp, "ddp-full-rank0"), _load(tmp, "ddp-full-rank1")
-    assert torch.equal(t0, t1) and r0["logs"] == r1["logs"] and len(r0["logs"]) == STEPS
-    return r0, t0
-
-
 @pytest.mark.parametrize("stage", [2, 3])
-def test_dpo_trainer_zero_activation_matches_ddp_and_resumes_exactly(stage, ddp_activation_run, tmp_path):
+def test_dpo_trainer_zero_activation_matches_ddp_and_resumes_exactly(stage, tmp_path_factory):
     """An ActivationSubspace reference (refreshed every 2 steps from the capability loader) under ZeRO: the
     engine projects each realised update on its fp32 partitions; the same statistics and parameters as DDP."""
-    _launch(tmp_path, f"z{stage}", "activation")
-    ddp, theta_ddp = ddp_activation_run
-    (r0, t0), (r1, t1) = _load(tmp_path, f"z{stage}-full-rank0"), _load(tmp_path, f"z{stage}-full-rank1")
-    assert r0["global_step"] == STEPS and r0["steps"] == STEPS and not r0["engine_attached"]
-    assert len(r0["logs"]) == STEPS and r0["logs"] == r1["logs"], (r0["logs"], r1["logs"])
-    assert torch.equal(t0, t1)
-    for e, d in zip(r0["logs"], ddp["logs"]):
+    run, ddp = _zero_vs_ddp(tmp_path_factory, stage, "activation")
+    for e, d in zip(run["logs"], ddp["logs"]):
         assert 0.0 < e["atax/update_removed_fraction"] < 1.0, e
         for k in ("atax/update_removed_fraction", "atax/feature_rank_mean"):
             assert abs(e[k] - d[k]) <= 1e-4 * max(1.0, abs(d[k])), (k, e, d)
-    init = torch.load(tmp_path / f"z{stage}-init.pt")
+    assert "atax_reference_rank0.pt" in run["files"] and "atax_activation_rank00000.pt" in run["ds_files"], run
+
+
+def _zero_vs_ddp(tmp_path_factory, stage: int, ref: str) -> tuple[dict, dict]:
+    """The DDP and the ZeRO run of one reference kind; checks what every kind shares (step counts, identical
+    replicas and logs across ranks, parameters equal to DDP's to 1e-4 of the distance training moved them, a
+    bit-exact resume from checkpoint-2); returns (ZeRO rank 0's record, DDP's) for the kind's own checks."""
+    ddp_dir, tmp = tmp_path_factory.mktemp(f"ddp_{ref}"), tmp_path_factory.mktemp(f"z{stage}_{ref}")
+    _launch(ddp_dir, "ddp", ref)
+    ddp, theta_ddp = _load(ddp_dir, "ddp-full-rank0")
+    _launch(tmp, f"z{stage}", ref)
+    (r0, t0), (r1, t1) = _load(tmp, f"z{stage}-full-rank0"), _load(tmp, f"z{stage}-full-rank1")
+    assert r0["global_step"] == STEPS and r0["steps"] == STEPS
+    assert len(r0["logs"]) == STEPS and r0["logs"] == r1["logs"] and torch.equal(t0, t1)
+    init = torch.load(tmp / f"z{stage}-init.pt")
     moved = float((theta_ddp - init).norm())
-    assert moved > 1e-3, moved
-    rel = float((t0 - theta_ddp).norm()) / moved
-    assert rel <= 1e-4, rel
-    assert "atax_reference_rank0.pt" in r0["files"] and "atax_activation_rank00000.pt" in r0["ds_files"], r0
-    (s0, u0), (s1, u1) = _load(tmp_path, f"z{stage}-resumed-rank0"), _load(tmp_path, f"z{stage}-resumed-rank1")
-    assert s0["global_step"] == STEPS and s0["steps"] == STEPS
-    assert torch.equal(u0, t0) and torch.equal(u1, t1)
+    assert moved > 1e-3 and float((t0 - theta_ddp).norm()) / moved <= 1e-4
+    (s0, u0), (s1, u1) = _load(tmp, f"z{stage}-resumed-rank0"), _load(tmp, f"z{stage}-resumed-rank1")
+    assert s0["global_step"] == STEPS and torch.equal(u0, t0) and torch.equal(u1, t1)
     assert s0["logs"][-1] == r0["logs"][-1], (s0["logs"], r0["logs"])
+    return r0, ddp
 
 
 @pytest.mark.parametrize("stage", [2, 3])
 def test_dpo_trainer_zero_ema_matches_ddp_and_resumes_exactly(stage, tmp_path_factory):
     """An EMA reference captured every 2nd step under ZeRO (kept partitioned in the engine handle): the DDP
     path's statistics and parameters, and a bit-exact resume from checkpoint-2 (step 3 reuses the saved EMA)."""
-    ddp_dir, tmp = tmp_path_factory.mktemp("ddp_ema"), tmp_path_factory.mktemp(f"z{stage}_ema")
-    _launch(ddp_dir, "ddp", "ema")
-    ddp, theta_ddp = _load(ddp_dir, "ddp-full-rank0")
-    _launch(tmp, f"z{stage}", "ema")
-    (r0, t0), (r1, t1) = _load(tmp, f"z{stage}-full-rank0"), _load(tmp, f"z{stage}-full-rank1")
-    assert r0["global_step"] == STEPS and r0["steps"] == STEPS
-    assert len(r0["logs"]) == STEPS and r0["logs"] == r1["logs"] and torch.equal(t0, t1)
-    for e, d in zip(r0["logs"], ddp["logs"]):
+    run, ddp = _zero_vs_ddp(tmp_path_factory, stage, "ema")
+    for e, d in zip(run["logs"], ddp["logs"]):
         assert e["atax/skipped"] == 0.0 and 0.0 < e["atax/removed_fraction"] <= 1.0, e
         for k in ("atax/cosine", "atax/removed_fraction", "atax/ref_norm"):
             assert abs(e[k] - d[k]) <= 1e-4 * max(1.0, abs(d[k])), (k, e, d)
-    init = torch.load(tmp / f"z{stage}-init.pt")
-    moved = float((theta_ddp - init).norm())
-    assert moved > 1e-3 and float((t0 - theta_ddp).norm()) / moved <= 1e-4
-    (s0, u0), (s1, u1) = _load(tmp, f"z{stage}-resumed-rank0"), _load(tmp, f"z{stage}-resumed-rank1")
-    assert s0["global_step"] == STEPS and torch.equal(u0, t0) and torch.equal(u1, t1)
-    assert s0["logs"][-1] == r0["logs"][-1], (s0["logs"], r0["logs"])
 
 
 @pytest.mark.parametrize("stage", [2, 3])
 def test_dpo_trainer_zero_subspace_matches_ddp_and_resumes_exactly(stage, tmp_path_factory):
     """A Subspace reference under ZeRO (each basis vector sliced to the rank's partitions): the DDP path's
     statistics and parameters, and a bit-exact resume from checkpoint-2."""
-    ddp_dir, tmp = tmp_path_factory.mktemp("ddp_sub"), tmp_path_factory.mktemp(f"z{stage}_sub")
-    _launch(ddp_dir, "ddp", "subspace")
-    ddp, theta_ddp = _load(ddp_dir, "ddp-full-rank0")
-    _launch(tmp, f"z{stage}", "subspace")
-    (r0, t0), (r1, t1) = _load(tmp, f"z{stage}-full-rank0"), _load(tmp, f"z{stage}-full-rank1")
-    assert r0["global_step"] == STEPS and r0["steps"] == STEPS
-    assert len(r0["logs"]) == STEPS and r0["logs"] == r1["logs"] and torch.equal(t0, t1)
-    for e, d in zip(r0["logs"], ddp["logs"]):
+    run, ddp = _zero_vs_ddp(tmp_path_factory, stage, "subspace")
+    for e, d in zip(run["logs"], ddp["logs"]):
         assert e["atax/skipped"] == 0.0 and 0.0 < e["atax/removed_fraction"] <= 1.0, e
         # two references: atax/cosine/0, /1 and atax/ref_norm/0, /1 (unit norms: the basis is orthonormal)
         assert set(e) == set(d) and {"atax/cosine/1", "atax/ref_norm/1"} <= set(e), (e, d)
         for k in e:
             assert abs(e[k] - d[k]) <= 1e-4 * max(1.0, abs(d[k])), (k, e, d)
-    init = torch.load(tmp / f"z{stage}-init.pt")
-    moved = float((theta_ddp - init).norm())
-    assert moved > 1e-3 and float((t0 - theta_ddp).norm()) / moved <= 1e-4
-    (s0, u0), (s1, u1) = _load(tmp, f"z{stage}-resumed-rank0"), _load(tmp, f"z{stage}-resumed-rank1")
-    assert s0["global_step"] == STEPS and torch.equal(u0, t0) and torch.equal(u1, t1)
-    assert s0["logs"][-1] == r0["logs"][-1], (s0["logs"], r0["logs"])

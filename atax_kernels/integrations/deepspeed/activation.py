@@ -35,7 +35,7 @@ from ...activation.discovery import projected_weights
 from ...activation.stats import ActivationStats
 from .partitions import ZeroPartitions, extra_pass
 
-__all__ = ["ActivationEngineHandle", "attach_activation"]
+__all__ = ["ActivationEngineHandle", "attach_activation", "refuse_entries"]
 
 _VERSION = 1
 
@@ -64,6 +64,20 @@ class _Fragment:
 
     def view(self) -> torch.Tensor:
         return self.flat.detach().narrow(0, self.offset, self.numel)
+
+
+def refuse_entries(subspace: Any, where: str = "under DeepSpeed ZeRO") -> None:
+    """Raise for the protected modules activation space cannot serve on ZeRO partitions (LoRA, Conv1D)."""
+    for e in subspace._entries:
+        if e.kind == "lora":
+            raise NotImplementedError(
+                f"{e.name}: LoRA layers are not supported {where}: lora='input' edits lora_A in each update(), "
+                f"which would bypass ZeRO's fp32 master copy; protect the base layers (modules=) or train LoRA "
+                f"under DDP/FSDP2")
+        if e.kind == "conv1d":
+            raise NotImplementedError(
+                f"{e.name}: a Conv1D weight (stored [d_in, d_out], GPT-2) cannot be projected {where}: each "
+                f"projected column spans every rank's fragment; leave it out (modules=)")
 
 
 def _full_shape(p: torch.Tensor) -> tuple[int, ...]:
@@ -145,17 +159,9 @@ class ActivationEngineHandle:
         managed = {id(p) for p in self.partitions.params}
         out: list[_Target] = []
         seen: set[tuple[int, str]] = set()
+        refuse_entries(sub)
         for e in sub._entries:
-            if e.kind == "lora":
-                raise NotImplementedError(
-                    f"{e.name}: LoRA layers are not supported under DeepSpeed ZeRO: lora='input' edits lora_A in "
-                    f"each update(), which would bypass ZeRO's fp32 master copy; protect the base layers (modules=)"
-                    f" or train LoRA under DDP/FSDP2")
             for label, p, role in projected_weights(e, sub.lora):
-                if role == "dense_t":
-                    raise NotImplementedError(
-                        f"{label}: a Conv1D weight (stored [d_in, d_out], GPT-2) cannot be projected on ZeRO "
-                        f"partitions: each projected column spans every rank's fragment; leave it out (modules=)")
                 if id(p) not in managed or (id(p), role) in seen:
                     continue
                 seen.add((id(p), role))

@@ -34,6 +34,18 @@ def _engine(stage: int, width: int, depth: int):
     return deepspeed.initialize(model=model, model_parameters=model.parameters(), config=cfg)[0]
 
 
+def _timed_steps(engine, x: torch.Tensor, y: torch.Tensor, steps: int) -> list[float]:
+    """Seconds of each of ``steps`` training steps (backward + step), the ranks aligned by a barrier."""
+    times = []
+    for _ in range(steps):
+        torch.distributed.barrier()
+        t0 = time.perf_counter()
+        engine.backward(_loss(engine, x, y))
+        engine.step()
+        times.append(time.perf_counter() - t0)
+    return times
+
+
 def _loss(engine, x, y):
     return torch.nn.functional.mse_loss(engine(x), y)
 
@@ -76,13 +88,7 @@ def main() -> None:
                     proj.append(time.perf_counter() - t0)
 
                 handle._project = timed
-            times = []
-            for _ in range(args.steps):
-                torch.distributed.barrier()
-                t0 = time.perf_counter()
-                engine.backward(_loss(engine, x, y))
-                engine.step()
-                times.append(time.perf_counter() - t0)
+            times = _timed_steps(engine, x, y, args.steps)
             warm = slice(2, None)
             row["attached" if attached else "plain"] = statistics.median(times[warm])
             if attached:
@@ -118,13 +124,7 @@ def _activation(args: argparse.Namespace, x: torch.Tensor, y: torch.Tensor, xc: 
                 row["snapshot_mib"] = sum(f.numel * f.flat.element_size() for f in frags) / 2 ** 20
                 row["cuts"] = sum(len(c) for c in handle._cut_slots)
                 row["rank_mean"] = sum(sub.ranks().values()) / max(1, len(sub.ranks()))
-            times = []
-            for _ in range(args.steps):
-                torch.distributed.barrier()
-                t0 = time.perf_counter()
-                engine.backward(_loss(engine, x, y))
-                engine.step()
-                times.append(time.perf_counter() - t0)
+            times = _timed_steps(engine, x, y, args.steps)
             row["attached" if attached else "plain"] = statistics.median(times[2:])
             if attached:
                 row["exchanged"] = handle.last_exchange_numel

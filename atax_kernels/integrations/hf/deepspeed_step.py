@@ -55,16 +55,9 @@ def refuse(trainer: Any, ref: Any, refresh_every: int) -> None:
     where = "atax attach() under DeepSpeed ZeRO"
     zero = _plugin_config(trainer).get("zero_optimization", {}) or {}
     if isinstance(ref, ActivationSubspace):
-        for e in ref._entries:
-            if e.kind == "lora":
-                raise NotImplementedError(
-                    f"{where}: an ActivationSubspace with LoRA layers ({e.name}) is not supported: lora='input' "
-                    f"edits lora_A at each update(), bypassing ZeRO's fp32 master copy; protect the base layers "
-                    f"(modules=) or train LoRA under DDP/FSDP2")
-            if e.kind == "conv1d":
-                raise NotImplementedError(
-                    f"{where}: {e.name} is a Conv1D (GPT-2, weight stored [d_in, d_out]): its projected columns "
-                    f"span every rank's ZeRO fragment, not supported; leave it out (modules=)")
+        from ..deepspeed.activation import refuse_entries
+
+        refuse_entries(ref, where="by " + where)
         _refuse_stage_and_offload(where, zero, cpu_offload_ok=True)
         return
     if isinstance(ref, EMA):
