@@ -33,6 +33,7 @@ import torch
 
 from ...activation.discovery import projected_weights
 from ...activation.stats import ActivationStats
+from .checkpoint import loaded_tag
 from .partitions import ZeroPartitions, extra_pass
 
 __all__ = ["ActivationEngineHandle", "attach_activation", "refuse_entries"]
@@ -408,7 +409,7 @@ class ActivationEngineHandle:
         if isinstance(out, tuple) and out and out[0] is None:
             return out  # DeepSpeed found nothing to load
         if tag is None:  # the tag DeepSpeed resolved ("latest", or "latest_universal" for universal checkpoints)
-            tag = _loaded_tag(load_dir, out)
+            tag = loaded_tag(load_dir, out)
         path = self._state_path(load_dir, tag)
         if os.path.isfile(path):
             state = torch.load(path, map_location="cpu", weights_only=False)
@@ -427,21 +428,6 @@ class ActivationEngineHandle:
             else:
                 setattr(obj, attr, saved)
         self.engine.__dict__.pop("_atax_handle", None)
-
-
-def _loaded_tag(load_dir: str, out: Any) -> str:
-    """The tag folder ``engine.load_checkpoint(load_dir, tag=None)`` loaded: the folder of the file path it
-    returned, else the ``latest`` / ``latest_universal`` file's content."""
-    path = out[0] if isinstance(out, tuple) and out else None
-    if isinstance(path, str) and os.path.dirname(path):
-        rel = os.path.relpath(os.path.dirname(path), load_dir)
-        if rel and not rel.startswith(".."):
-            return rel.split(os.sep)[0]
-    for name in ("latest", "latest_universal"):
-        if os.path.isfile(os.path.join(load_dir, name)):
-            with open(os.path.join(load_dir, name)) as f:
-                return f.read().strip()
-    raise FileNotFoundError(f"cannot tell which tag of {load_dir} DeepSpeed loaded (no 'latest' file)")
 
 
 def attach_activation(engine: Any, subspace: Any, *, backend: str | None = None) -> ActivationEngineHandle:

@@ -14,7 +14,7 @@ import torch
 
 from .partitions import PartitionedReference, ZeroPartitions
 
-__all__ = ["state_path", "save_state", "load_state", "load_reference"]
+__all__ = ["state_path", "save_state", "load_state", "load_reference", "loaded_tag"]
 
 _VERSION = 1
 
@@ -72,3 +72,18 @@ def load_reference(engine: Any, load_dir: str, tag: str | None = None) -> list:
     if state is None or state["references"] is None:
         raise FileNotFoundError(f"no atax fixed references in the checkpoint {load_dir} (tag {tag or 'latest'})")
     return [PartitionedReference([t.to(partitions.device) for t in r]) for r in state["references"]]
+
+
+def loaded_tag(load_dir: str, out: Any) -> str:
+    """The tag folder ``engine.load_checkpoint(load_dir, tag=None)`` loaded: the folder of the file path it
+    returned, else the ``latest`` / ``latest_universal`` file's content."""
+    path = out[0] if isinstance(out, tuple) and out else None
+    if isinstance(path, str) and os.path.dirname(path):
+        rel = os.path.relpath(os.path.dirname(path), load_dir)
+        if rel and not rel.startswith(".."):
+            return rel.split(os.sep)[0]
+    for name in ("latest", "latest_universal"):
+        if os.path.isfile(os.path.join(load_dir, name)):
+            with open(os.path.join(load_dir, name)) as f:
+                return f.read().strip()
+    raise FileNotFoundError(f"cannot tell which tag of {load_dir} DeepSpeed loaded (no 'latest' file)")

@@ -23,7 +23,7 @@ from ...distributed import gram_all_reducer
 from ...ops.registry import resolve
 from ...projection.core import GRANULARITIES, MODES, project_resolved
 from ...projection.stats import ProjectionStats
-from .checkpoint import load_state, save_state
+from .checkpoint import load_state, loaded_tag, save_state
 from .partitions import PartitionedReference, ZeroPartitions, extra_pass
 
 if TYPE_CHECKING:  # annotations only
@@ -263,9 +263,7 @@ class EngineHandle:
         if isinstance(out, tuple) and out and out[0] is None:
             return out  # DeepSpeed found nothing to load
         if tag is None:  # the tag DeepSpeed resolved ("latest", or "latest_universal" for universal checkpoints)
-            from .activation import _loaded_tag
-
-            tag = _loaded_tag(load_dir, out)
+            tag = loaded_tag(load_dir, out)
         state = load_state(self.partitions, load_dir, tag)
         if state is not None:
             self.steps = state["steps"]
