@@ -312,3 +312,41 @@ def test_dpo_through_trl(tiny, tmp_path):
     assert set(rows) == {"base", "plain", "grad", "act e0.9"}
     assert rows["grad"]["removed_fraction"] is not None and rows["act e0.9"]["basis_mib"] > 0
     assert math.isfinite(rows["plain"]["loss_first"])
+
+
+def test_refresh_tol_checks_instead_of_rebuilding(tiny, tmp_path):
+    """--refresh-tol: refresh steps observe the basis batches and keep the bases while they still fit (at a tiny
+    learning rate they do), doubling the interval; --refresh-tol 0 rebuilds at every refresh step."""
+    rows = {}
+    for tol in ("0", "0.5"):
+        out = tmp_path / f"t{tol}"
+        assert run_main(args(tiny, out, tmp_path / "cache", "--methods", "act:e=0.9", "--steps", "4",
+                             "--lr", "1e-7", "--refresh-tol", tol)) == 0
+        rows[tol] = json.loads((out / "s.json").read_text())["rows"][-1]
+    fixed, adaptive = rows["0"], rows["0.5"]
+    assert (fixed["refreshes"], fixed["refresh_checks"]) == (3, 3)      # steps 1, 2, 3 (--refresh-every 1)
+    assert (adaptive["refreshes"], adaptive["refresh_checks"]) == (0, 2)  # steps 1 and 3: kept, interval 2
+    assert fixed["extra_forward"] == pytest.approx(2 * 3 / 4)  # 2 basis batches per check, 4 steps
+    assert adaptive["extra_forward"] == pytest.approx(2 * 2 / 4)
+
+
+def test_refresh_tol_keeps_older_rows_resumable(monkeypatch):
+    """A setting added later is left out of the fingerprint at its old behaviour's value, so rows written before
+    it existed still resume; any other value changes the fingerprint."""
+    from dataclasses import asdict
+
+    from atax_kernels.study import resume
+    from atax_kernels.study.config import StudyConfig
+
+    monkeypatch.setattr(resume, "model_identity", lambda cfg: {"model": "fixed"})
+    now = resume.fingerprint(StudyConfig(refresh_tol=0.0), "d")
+    monkeypatch.setattr(resume, "asdict", lambda c: {k: v for k, v in asdict(c).items() if k != "refresh_tol"})
+    before_the_setting = resume.fingerprint(StudyConfig(), "d")
+    monkeypatch.setattr(resume, "asdict", asdict)
+    assert now == before_the_setting
+    assert resume.fingerprint(StudyConfig(refresh_tol=0.02), "d") != now
+
+
+def test_bad_refresh_tol(tiny, tmp_path, capsys):
+    _refused(args(tiny, tmp_path / "o", tmp_path / "cache", "--refresh-tol", "1.5"), capsys, tmp_path,
+             "--refresh-tol")

@@ -58,12 +58,13 @@ projected update; empty stats; refresh from a forward), ``subspace`` (``Activati
 checks, made of the mixins below), ``loaders`` (observe a loader), ``state`` (state_dict), ``report`` (ranks,
 coverage, memory), ``project`` (``project_updates_``), ``bases`` (``update()``), ``moments`` (hooks, masked
 accumulation, all-reduce), ``discovery`` (module kinds, shared inputs), ``inputs`` (the per-module and
-per-input records), ``eigen`` (rank selection, eigh, subspace iteration), ``settings``, ``stats``.
+per-input records), ``schedule`` (when to refresh), ``eigen`` (rank selection, eigh, subspace iteration), ``settings``, ``stats``.
 """
 from __future__ import annotations
 
 from .apply import UpdateSnapshot, empty_stats, refresh
+from .schedule import RefreshSchedule
 from .stats import ActivationStats
 from .subspace import ActivationSubspace
 
-__all__ = ["ActivationSubspace", "ActivationStats", "UpdateSnapshot", "empty_stats", "refresh"]
+__all__ = ["ActivationSubspace", "ActivationStats", "RefreshSchedule", "UpdateSnapshot", "empty_stats", "refresh"]

@@ -107,6 +107,8 @@ class ActivationSubspace(ObserveMixin, BasesMixin, ProjectMixin, ReportMixin, St
         self._depth = 0
         self._staged = False
         self.updates = 0
+        #: per distinct input, the coverage() measured by the last update_if_drifted()
+        self.last_coverage: dict[str, float] = {}
         self.skipped_batches = 0
         self.last_skip_reason: str | None = None
         self.loader: Any = None

@@ -75,6 +75,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--weight-decay", type=float, default=0.0)
     g.add_argument("--beta", type=float, default=0.1, help="DPO beta")
     g.add_argument("--refresh-every", type=int, default=10, help="activation bases refreshed every N steps")
+    g.add_argument("--refresh-tol", type=float, default=0.0,
+                   help="> 0: at each refresh step keep the bases (skip the eigensolves) while each holds at least "
+                        "energy - TOL of what it observes, and double the interval; 0: rebuild every N steps")
     g.add_argument("--basis-batches", type=int, default=4, help="retain batches the activation bases observe")
     g.add_argument("--dpo-impl", default="own", choices=("own", "trl"),
                    help="own: the DPO loss in the study's loop (every method; reference log-probs precomputed); "
@@ -132,7 +135,7 @@ def config_from_args(args: argparse.Namespace, argv: list[str]):
         lrs=_floats(args.lrs or tier["lrs"], "--lr"), seeds=seeds, methods=args.methods or tier["methods"],
         steps=args.steps or tier["steps"], batch_size=args.batch_size, max_length=args.max_length,
         weight_decay=args.weight_decay, beta=args.beta, refresh_every=args.refresh_every,
-        basis_batches=args.basis_batches, backend=args.backend, dpo_impl=args.dpo_impl,
+        refresh_tol=args.refresh_tol, basis_batches=args.basis_batches, backend=args.backend, dpo_impl=args.dpo_impl,
         max_eval=args.max_eval or tier["max_eval"],
         train_eval=tier["train_eval"] if args.train_eval is None else args.train_eval,
         max_new_tokens=args.max_new_tokens or tier["max_new_tokens"], gen_batch_size=args.gen_batch_size,

@@ -80,6 +80,10 @@ def check_numbers(cfg: StudyConfig) -> None:
         v = getattr(cfg, key)
         if not isinstance(v, int) or v < 0:
             raise StudyError(f"--{key.replace('_', '-')} must be an integer >= 0, got {v!r}")
+    if isinstance(cfg.refresh_tol, bool) or not isinstance(cfg.refresh_tol, (int, float)) or \
+            not 0.0 <= cfg.refresh_tol < 1.0:
+        raise StudyError(f"--refresh-tol must be a number in [0, 1) (0: a fixed refresh interval), got "
+                         f"{cfg.refresh_tol!r}")
     if not 0.0 < cfg.held_fraction < 1.0:
         raise StudyError(f"--held-fraction must be in (0, 1), got {cfg.held_fraction}")
     if not cfg.lrs or any(not lr > 0 for lr in cfg.lrs):
@@ -115,6 +119,9 @@ def check_methods(cfg: StudyConfig) -> list[Method]:
         bad = [m.name for m in methods if m.kind not in TRL_METHODS + ("interp",)]
         if bad:
             raise StudyError(f"--dpo-impl trl runs {', '.join(TRL_METHODS)} (and interp) only; not {', '.join(bad)}")
+        if cfg.refresh_tol > 0 and any(m.kind == "act" for m in methods):
+            raise StudyError("--refresh-tol is the study loop's schedule; --dpo-impl trl refreshes through "
+                             "attach(refresh_every=N) at a fixed interval: drop one of them")
         try:
             import trl  # noqa: F401
         except ImportError:

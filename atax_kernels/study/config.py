@@ -24,6 +24,9 @@ class TrainSettings:
     weight_decay: float = 0.0
     beta: float = 0.1  # DPO's beta
     refresh_every: int = 10  # steps between activation-basis refreshes
+    #: > 0: a refresh is skipped (its eigensolves, not its forwards) while every basis still holds energy - tol
+    #: of what it observes, and the interval doubles (atax_kernels.activation.RefreshSchedule); 0: fixed interval
+    refresh_tol: float = 0.0
     basis_batches: int = 4  # retain batches the activation bases observe
     backend: str | None = None
 

@@ -22,7 +22,7 @@ __all__ = ["header", "aggregate", "render_markdown", "write_json", "write_markdo
 NUMERIC = ("capability", "capability_train", "safety", "safety_train", "over_refusal", "over_refusal_benign",
            "over_refusal_lookalike", "drift_nll", "ece", "entropy", "distinct_2", "seconds_per_step",
            "refresh_seconds_per_step", "setup_seconds", "extra_forward", "extra_backward", "removed_fraction",
-           "basis_mib", "rank_mean", "loss_first", "loss_last")
+           "basis_mib", "rank_mean", "loss_first", "loss_last", "refreshes", "refresh_checks")
 
 COLOURS = {"base": "black", "plain": "tab:red", "ptx": "tab:blue", "kl": "tab:purple", "grad": "tab:orange",
            "act": "tab:green", "act+ptx": "tab:olive"}
@@ -164,7 +164,9 @@ def render_markdown(result: dict[str, Any]) -> str:
     lines.append("- data: " + "; ".join(f"{k}: {v}" for k, v in setup["sources"].items()))
     lines.append(f"- training: {cfg['steps']} AdamW steps, batch {cfg['batch_size']}, max length "
                  f"{cfg['max_length']}, weight decay {cfg['weight_decay']}, DPO β {cfg['beta']}; activation bases "
-                 f"from {cfg['basis_batches']} retain batches, refreshed every {cfg['refresh_every']} steps")
+                 f"from {cfg['basis_batches']} retain batches, refreshed every {cfg['refresh_every']} steps"
+                 + (f" while they move (a check keeps bases that hold energy − {cfg['refresh_tol']:g} of what they "
+                    f"observe, and doubles the interval)" if cfg.get("refresh_tol") else ""))
     lines.append(f"- scoring: greedy, {cfg['max_new_tokens']} new tokens; held-out sets capped at {cfg['max_eval']} "
                  f"per part, train-split scores on {cfg['train_eval']} train examples")
     lines += ["", "Split sizes (train / held / scored) per seed:", "",
@@ -201,12 +203,14 @@ def render_markdown(result: dict[str, Any]) -> str:
     act = [a for a in agg if a["kind"] in ("act", "act+ptx")]
     if act:
         lines += ["Activation projection cost: step seconds, refresh seconds amortised per step, the initial basis "
-                  "build, mean basis rank and basis memory.", "",
-                  "| objective | lr | method | s/step | refresh s/step | build s | rank mean | basis MiB |",
-                  "|---|---|---|---|---|---|---|---|"]
+                  "build, bases rebuilt / refresh steps during training, mean basis rank and basis memory.", "",
+                  "| objective | lr | method | s/step | refresh s/step | build s | rebuilt / checks | rank mean | "
+                  "basis MiB |",
+                  "|---|---|---|---|---|---|---|---|---|"]
         for a in act:
             lines.append(f"| {a['objective']} | {a['lr']:g} | {a['method']} | {_num(a, 'seconds_per_step')} | "
                          f"{_num(a, 'refresh_seconds_per_step')} | {_num(a, 'setup_seconds', '{:.1f}')} | "
+                         f"{_num(a, 'refreshes', '{:.1f}')} / {_num(a, 'refresh_checks', '{:.1f}')} | "
                          f"{_num(a, 'rank_mean', '{:.1f}')} | {_num(a, 'basis_mib', '{:.1f}')} |")
         lines.append("")
     lines += ["## Sampled generations (first seed; held out)", "",

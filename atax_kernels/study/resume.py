@@ -24,9 +24,15 @@ def rows_path(cfg: StudyConfig) -> Path | None:
     return Path(str(cfg.json) + ".rows.jsonl") if cfg.json else None
 
 
+#: Settings added after rows were committed, with the value that reproduces those rows: left out of the hash
+#: at that value, so the committed rows still resume.
+_ADDED_LATER = {"refresh_tol": 0.0}
+
+
 def fingerprint(cfg: StudyConfig, dhash: str) -> str:
     """A hash of every setting that changes a row's numbers, the data's hash and the model's identity."""
-    blob = {k: v for k, v in asdict(cfg).items() if k not in _NOT_IN_FINGERPRINT}
+    blob = {k: v for k, v in asdict(cfg).items() if k not in _NOT_IN_FINGERPRINT
+            and not (k in _ADDED_LATER and v == _ADDED_LATER[k])}
     blob["data_hash"] = dhash
     blob["model_identity"] = model_identity(cfg)
     return hashlib.sha256(json.dumps(blob, sort_keys=True, default=str).encode()).hexdigest()[:16]

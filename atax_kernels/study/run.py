@@ -281,7 +281,8 @@ def run_study(cfg: StudyConfig, on_progress: Callable[[dict[str, Any]], None] | 
                                    setup_seconds=tr.setup_seconds, steps=tr.steps, train_seconds=tr.seconds,
                                    loss_first=tr.loss_first, loss_last=tr.loss_last,
                                    removed_fraction=tr.removed_fraction, basis_mib=tr.basis_mib,
-                                   rank_mean=tr.rank_mean, refreshes=tr.refreshes, notes=tr.notes,
+                                   rank_mean=tr.rank_mean, refreshes=tr.refreshes,
+                                   refresh_checks=tr.refresh_checks, notes=tr.notes,
                                    samples=_samples(eval_sets, gens, cfg.samples))
                         record(row)
                     _barrier(world)

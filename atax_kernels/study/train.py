@@ -147,7 +147,8 @@ class TrainResult:
     removed_fraction: float | None = None
     basis_mib: float | None = None
     rank_mean: float | None = None
-    refreshes: int = 0
+    refreshes: int = 0                  # bases rebuilt (eigensolves) during training
+    refresh_checks: int = 0             # refresh steps (forwards observed), rebuilt or not
     notes: list[str] = field(default_factory=list)
 
 
@@ -173,7 +174,7 @@ def train(model: torch.nn.Module, base: torch.nn.Module, method: Method, safety:
     ``forward_model``: the module the training forwards go through (a DDP wrapper of ``model``), default
     ``model``. ``progress``: a tqdm bar advanced once per step.
     """
-    from ..activation import ActivationSubspace
+    from ..activation import ActivationSubspace, RefreshSchedule
     from ..optim import ProjectedOptimizer
 
     if method.kind == "interp":
@@ -257,7 +258,9 @@ def train(model: torch.nn.Module, base: torch.nn.Module, method: Method, safety:
     removed: list[torch.Tensor] = []
     step_times: list[float] = []
     refresh_total = 0.0
-    refreshes = 0
+    # a contrast basis is not a capability-energy basis: update_if_drifted cannot judge it, so fixed interval
+    adaptive = cfg.refresh_tol > 0 and not p.get("c")
+    schedule = RefreshSchedule(cfg.refresh_every, cfg.refresh_tol if adaptive else None)
     t_start = time.perf_counter()
     for step in range(cfg.steps):
         t0 = time.perf_counter()
@@ -279,14 +282,19 @@ def train(model: torch.nn.Module, base: torch.nn.Module, method: Method, safety:
         elif kind == "kl":
             (w * kl_to_base(fwd, base, retain_batch())).backward()
         t_refresh = 0.0
-        if sub is not None and step > 0 and step % cfg.refresh_every == 0:
-            # after the safety forward (contrast moments) and the backward (LoRA A may be edited by update())
+        if sub is not None and schedule.due(step):
+            # after the safety forward (contrast moments) and the backward (LoRA A may be edited by update());
+            # the same basis batches each time, so a check measures the model's drift, not sampling noise
             t1 = time.perf_counter()
             sub.observe_loader(basis_loader, positions=positions)
-            sub.update()
+            if adaptive:
+                moved = sub.update_if_drifted(cfg.refresh_tol)
+            else:
+                sub.update()
+                moved = True
+            schedule.record(step, moved=moved)
             t_refresh = time.perf_counter() - t1
             refresh_total += t_refresh
-            refreshes += 1
         opt.step()
         stats = getattr(opt, "last_stats", None)
         if stats is not None:
@@ -311,7 +319,7 @@ def train(model: torch.nn.Module, base: torch.nn.Module, method: Method, safety:
     elif kind == "kl":
         xf, xb = 2.0, 1.0
     else:
-        xf = ref_batches / cfg.refresh_every + (1.0 if kind == "act+ptx" else 0.0)
+        xf = ref_batches * schedule.checks / max(1, cfg.steps) + (1.0 if kind == "act+ptx" else 0.0)
         xb = 1.0 if kind == "act+ptx" else 0.0
     if cfg.objective == "dpo":
         notes.append("dpo: one safety batch = chosen + rejected; the reference log-probs are precomputed once")
@@ -322,7 +330,7 @@ def train(model: torch.nn.Module, base: torch.nn.Module, method: Method, safety:
         loss_first=float(losses[0]) if losses else float("nan"),
         loss_last=float(losses[-1]) if losses else float("nan"),
         removed_fraction=float(torch.stack(removed).double().mean()) if removed else None,
-        refreshes=refreshes, notes=notes)
+        refreshes=schedule.refreshes, refresh_checks=schedule.checks, notes=notes)
     if sub is not None:
         res.basis_mib = sub.memory_bytes() / 2**20
         r = [v for k, v in sub.ranks().items() if not k.endswith(".lora_B")]

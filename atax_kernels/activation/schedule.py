@@ -1,0 +1,98 @@
+"""When to refresh activation bases: :class:`RefreshSchedule`, a fixed interval that doubles while the bases do
+not move (checked by ``ActivationSubspace.update_if_drifted``) and falls back to the base interval when they do.
+
+Why: a refresh costs the capability forwards it observes plus one eigensolve per distinct input. Measured on
+SmolLM2-135M-Instruct (30 SFT steps, lr 3e-5, bases rebuilt from the same 4 batches every 10 steps), the rebuilt
+bases overlap the step-0 bases by 0.99 on average (min 0.95 over 121 inputs), so a fixed every-10 schedule pays
+for eigensolves that return what it had; the doubling schedule pays one check for them and skips the eigensolves.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+__all__ = ["RefreshSchedule"]
+
+
+class RefreshSchedule:
+    """Refresh steps for activation bases: every ``every`` steps while they move, doubling while they do not.
+
+    Use in a training loop (``sub`` an ``ActivationSubspace`` built from ``loader``)::
+
+        schedule = RefreshSchedule(every=10, tol=0.02)
+        for step in range(steps):
+            ...
+            if schedule.due(step):
+                sub.observe_loader(loader)                              # the same batches each time
+                schedule.record(step, moved=sub.update_if_drifted(schedule.tol))
+            opt.step()
+
+    Args:
+        every: the base interval in steps (the first check is at step ``every``: the bases are fresh at 0).
+        tol: how far below ``energy`` a basis' coverage of newly observed moments may fall before it counts as
+            moved (see ``ActivationSubspace.update_if_drifted``). ``tol=None``: no check, a refresh every
+            ``every`` steps (the fixed schedule).
+        max_every: the longest interval (default: ``16 * every``).
+
+    ``checks`` and ``refreshes`` count what happened; ``history`` holds ``(step, moved)`` per check.
+    """
+
+    def __init__(self, every: int = 10, tol: float | None = 0.02, max_every: int | None = None) -> None:
+        if isinstance(every, bool) or not isinstance(every, int) or every < 1:
+            raise ValueError(f"every must be a positive int, got {every!r}")
+        if tol is not None and (isinstance(tol, bool) or not isinstance(tol, (int, float)) or not 0.0 <= tol < 1.0):
+            raise ValueError(f"tol must be None or a number in [0, 1), got {tol!r}")
+        if max_every is None:
+            max_every = 16 * every
+        if isinstance(max_every, bool) or not isinstance(max_every, int) or max_every < every:
+            raise ValueError(f"max_every must be an int >= every ({every}), got {max_every!r}")
+        self.every, self.tol, self.max_every = every, None if tol is None else float(tol), max_every
+        self.interval = every
+        self.next_step = every
+        self.checks = 0
+        self.refreshes = 0
+        self.history: list[tuple[int, bool]] = []
+
+    @property
+    def adaptive(self) -> bool:
+        """True when checks may skip refreshes (``tol`` given)."""
+        return self.tol is not None
+
+    def due(self, step: int) -> bool:
+        """True when ``step`` (0-based) is a refresh (or check) step."""
+        return step >= self.next_step
+
+    def record(self, step: int, *, moved: bool = True) -> None:
+        """After the check at ``step``: ``moved`` (the bases were rebuilt) resets the interval to ``every``, a
+        check that kept the bases doubles it (up to ``max_every``)."""
+        self.checks += 1
+        self.refreshes += int(bool(moved))
+        self.history.append((int(step), bool(moved)))
+        if moved or not self.adaptive:
+            self.interval = self.every
+        else:
+            self.interval = min(2 * self.interval, self.max_every)
+        self.next_step = step + self.interval
+
+    def state_dict(self) -> dict[str, Any]:
+        """Settings and position (for a resumed run)."""
+        return {"every": self.every, "tol": self.tol, "max_every": self.max_every, "interval": self.interval,
+                "next_step": self.next_step, "checks": self.checks, "refreshes": self.refreshes,
+                "history": list(self.history)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore :meth:`state_dict` (settings included)."""
+        missing = [k for k in ("every", "tol", "max_every", "interval", "next_step") if k not in state]
+        if missing:
+            raise ValueError(f"RefreshSchedule state is missing {missing}")
+        fresh = RefreshSchedule(state["every"], state["tol"], state["max_every"])  # validates the settings
+        self.__dict__.update(fresh.__dict__)
+        self.interval, self.next_step = int(state["interval"]), int(state["next_step"])
+        self.checks, self.refreshes = int(state.get("checks", 0)), int(state.get("refreshes", 0))
+        self.history = [(int(s), bool(m)) for s, m in state.get("history", [])]
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, RefreshSchedule) and (self.every, self.tol, self.max_every) == (
+            other.every, other.tol, other.max_every)
+
+    def __repr__(self) -> str:
+        return f"RefreshSchedule(every={self.every}, tol={self.tol}, max_every={self.max_every})"
