@@ -151,3 +151,20 @@ def test_schedule_bad_input_and_round_trip():
     assert [t.due(k) for k in range(20, 60)] == [s.due(k) for k in range(20, 60)]
     with pytest.raises(ValueError, match="missing"):
         t.load_state_dict({"every": 3})
+
+
+def test_refresh_with_tol_from_the_kept_loader():
+    torch.manual_seed(4)
+    x = torch.randn(64, 8, dtype=torch.float64) * SCALES
+    model = nn.Linear(8, 2, bias=False).double()
+    sub = ActivationSubspace.from_loader(model, [x[:32], x[32:]], energy=0.9, basis_dtype=torch.float64)
+    before = sub._groups[0].basis.clone()
+    assert sub.refresh(tol=0.02) is False and torch.equal(sub._groups[0].basis, before)
+    with torch.no_grad():
+        model.weight.zero_()  # a linear layer's own weight does not change its input: still kept
+    assert sub.refresh(tol=0.02) is False
+    sub.loader = [x.flip(1)]
+    assert sub.refresh(tol=0.02) is True and sub.updates == 2
+    assert sub.refresh() is True and sub.updates == 3
+    with pytest.raises(ValueError, match="exclude"):
+        sub.refresh(0.5, tol=0.02)

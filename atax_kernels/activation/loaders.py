@@ -48,15 +48,25 @@ class LoaderMixin:
         self.model.train(was_training)
         return n
 
-    def refresh(self, decay: float = 0.0) -> None:
-        """Observe the loader given to :meth:`from_loader` again (from the current model) and update."""
+    def refresh(self, decay: float = 0.0, *, tol: float | None = None) -> bool:
+        """Observe the loader given to :meth:`from_loader` again (from the current model) and update.
+
+        ``tol``: rebuild only if the bases moved (:meth:`update_if_drifted` with this ``tol``; not with
+        ``decay``); returns whether the bases were rebuilt (always ``True`` without ``tol``). The same loader is
+        observed each time, so the check measures the model's drift (see :class:`RefreshSchedule`)."""
         if self.loader is None:
             raise RuntimeError("refresh() needs the loader of ActivationSubspace.from_loader()")
+        if tol is not None and decay:
+            raise ValueError("refresh(): tol (keep bases that did not move) and decay (average the moments) "
+                             "exclude each other")
         n = self.observe_loader(self.loader, forward=self.forward_fn, max_batches=self.max_batches)
         if n == 0:
             raise RuntimeError("refresh(): the loader yielded no batch (an exhausted iterator?); the bases were "
                                "left as they were")
+        if tol is not None:
+            return self.update_if_drifted(tol)
         self.update(decay)
+        return True
 
     @classmethod
     def from_loader(cls, model: nn.Module, loader: Iterable[Any], *,
