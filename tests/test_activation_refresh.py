@@ -26,8 +26,8 @@ def _oracle_coverage(u: torch.Tensor, x: torch.Tensor) -> float:
     return float(torch.trace(u.t() @ c @ u) / torch.trace(c))
 
 
-@pytest.mark.parametrize("mix", [0.0, 0.3, 1.0])
-def test_decision_follows_the_coverage_oracle(mix):
+@pytest.mark.parametrize("mix,expect_moved", [(0.0, False), (0.3, None), (1.0, True)])
+def test_decision_follows_the_coverage_oracle(mix, expect_moved):
     """Kept iff the float64 coverage of the newly observed inputs is >= energy - tol; rebuilt otherwise, and then
     to exactly the basis update() gives on the same data."""
     torch.manual_seed(0)
@@ -43,7 +43,10 @@ def test_decision_follows_the_coverage_oracle(mix):
         with torch.no_grad(), s.observe():
             s.model(x_new)
     moved = sub.update_if_drifted(tol)
-    assert moved == (cov < 0.9 - tol)
+    built = _oracle_coverage(before, x)  # what the basis held of its own data (>= energy: no max_rank here)
+    assert moved == (cov < min(0.9, built) - tol)
+    if expect_moved is not None:
+        assert moved is expect_moved
     assert sub.last_coverage[""] == pytest.approx(cov, rel=1e-9)
     twin.update()
     if moved:
@@ -154,17 +157,70 @@ def test_schedule_bad_input_and_round_trip():
 
 
 def test_refresh_with_tol_from_the_kept_loader():
+    """Same loader, same model: kept. The first layer rotated (the second layer's input moves): rebuilt."""
     torch.manual_seed(4)
     x = torch.randn(64, 8, dtype=torch.float64) * SCALES
-    model = nn.Linear(8, 2, bias=False).double()
-    sub = ActivationSubspace.from_loader(model, [x[:32], x[32:]], energy=0.9, basis_dtype=torch.float64)
-    before = sub._groups[0].basis.clone()
-    assert sub.refresh(tol=0.02) is False and torch.equal(sub._groups[0].basis, before)
+    first, second = nn.Linear(8, 8, bias=False).double(), nn.Linear(8, 2, bias=False).double()
     with torch.no_grad():
-        model.weight.zero_()  # a linear layer's own weight does not change its input: still kept
+        first.weight.copy_(torch.eye(8, dtype=torch.float64))
+    model = nn.Sequential(first, second)
+    sub = ActivationSubspace.from_loader(model, [x[:32], x[32:]], energy=0.9, basis_dtype=torch.float64)
+    before = [g.basis.clone() for g in sub._groups]
     assert sub.refresh(tol=0.02) is False
-    sub.loader = [x.flip(1)]
+    assert all(torch.equal(g.basis, b) for g, b in zip(sub._groups, before))
+    with torch.no_grad():
+        first.weight.copy_(torch.eye(8, dtype=torch.float64).flip(1))  # the large channels now land on the small
     assert sub.refresh(tol=0.02) is True and sub.updates == 2
+    assert not torch.equal(sub._groups[1].basis, before[1])
     assert sub.refresh() is True and sub.updates == 3
     with pytest.raises(ValueError, match="exclude"):
         sub.refresh(0.5, tol=0.02)
+
+
+def test_bad_refresh_is_refused_before_observing():
+    torch.manual_seed(5)
+    x = torch.randn(32, 8, dtype=torch.float64) * SCALES
+    model = nn.Linear(8, 2, bias=False).double()
+    seen = []
+    sub = ActivationSubspace.from_loader(model, [x], energy=0.9, contrast=0.5,
+                                         forward=lambda m, b: seen.append(1) or m(b))
+    seen.clear()
+    with pytest.raises(ValueError, match="contrast"):
+        sub.refresh(tol=0.02)
+    with pytest.raises(ValueError, match="tol"):
+        sub.refresh(tol=2.0)
+    assert not seen and sub._groups[0].acc["capability"] is None
+
+
+def test_a_capped_basis_is_judged_against_what_it_held():
+    """max_rank caps the basis below energy: on its own data it still counts as not moved."""
+    torch.manual_seed(6)
+    x = torch.randn(200, 8, dtype=torch.float64) * SCALES
+    model, sub = _built(x, max_rank=1)
+    assert _oracle_coverage(sub._groups[0].basis, x) < 0.9 - 0.05
+    with torch.no_grad(), sub.observe():
+        model(x)
+    assert sub.update_if_drifted(0.05) is False
+
+
+def test_lora_both_always_rebuilds_and_lora_input_is_judged():
+    peft = pytest.importorskip("peft")
+    torch.manual_seed(7)
+    x = torch.randn(64, 8, dtype=torch.float64) * SCALES
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.proj = nn.Linear(8, 8, bias=False)
+
+        def forward(self, t):
+            return self.proj(t)
+
+    for rule, expect in (("both", True), ("input", False)):
+        model = peft.get_peft_model(Net().double(), peft.LoraConfig(r=2, target_modules=["proj"]))
+        sub = ActivationSubspace(model, energy=0.9, lora=rule)
+        for _ in range(2):
+            with torch.no_grad(), sub.observe():
+                model(x)
+            moved = sub.update_if_drifted(0.05) if sub.updates else (sub.update() or True)
+        assert moved is expect, rule

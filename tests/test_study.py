@@ -326,8 +326,8 @@ def test_refresh_tol_checks_instead_of_rebuilding(tiny, tmp_path):
     fixed, adaptive = rows["0"], rows["0.5"]
     assert (fixed["refreshes"], fixed["refresh_checks"]) == (3, 3)      # steps 1, 2, 3 (--refresh-every 1)
     assert (adaptive["refreshes"], adaptive["refresh_checks"]) == (0, 2)  # steps 1 and 3: kept, interval 2
-    assert fixed["extra_forward"] == pytest.approx(2 * 3 / 4)  # 2 basis batches per check, 4 steps
-    assert adaptive["extra_forward"] == pytest.approx(2 * 2 / 4)
+    assert fixed["extra_forward"] == pytest.approx(2 / 1)     # as before the setting: 2 batches every step
+    assert adaptive["extra_forward"] == pytest.approx(2 * 2 / 4)  # the checks made: 2 batches at 2 of 4 steps
 
 
 def test_refresh_tol_keeps_older_rows_resumable(monkeypatch):

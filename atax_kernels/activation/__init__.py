@@ -55,10 +55,11 @@ all-reduce of one flat float64 buffer), so every replica computes the same basis
 
 Layout (imports go down this list): ``apply`` (what optimizers and trainers call: snapshot, inner step,
 projected update; empty stats; refresh from a forward), ``subspace`` (``ActivationSubspace``: construction and
-checks, made of the mixins below), ``loaders`` (observe a loader), ``state`` (state_dict), ``report`` (ranks,
-coverage, memory), ``project`` (``project_updates_``), ``bases`` (``update()``), ``moments`` (hooks, masked
-accumulation, all-reduce), ``discovery`` (module kinds, shared inputs), ``inputs`` (the per-module and
-per-input records), ``schedule`` (when to refresh), ``eigen`` (rank selection, eigh, subspace iteration), ``settings``, ``stats``.
+checks, made of the mixins below), ``loaders`` (observe a loader, ``refresh``), ``state`` (state_dict),
+``report`` (ranks, coverage, memory), ``project`` (``project_updates_``), ``bases`` (``update()``,
+``update_if_drifted()``), ``moments`` (hooks, masked accumulation, all-reduce), ``discovery`` (module kinds,
+shared inputs), ``inputs`` (the per-module and per-input records), ``schedule`` (``RefreshSchedule``: when to
+refresh), ``eigen`` (rank selection, eigh, subspace iteration), ``settings``, ``stats``.
 """
 from __future__ import annotations
 

@@ -5,6 +5,7 @@ tokens."""
 from __future__ import annotations
 
 import warnings
+from typing import Any
 
 import torch
 
@@ -52,7 +53,13 @@ class BasesMixin:
                 psd = False
             else:
                 psd = True
-            g.basis = self._basis(m, g.basis, psd, g.floor).to(self.basis_dtype)
+            u = self._basis(m, g.basis, psd, g.floor)
+            if psd:
+                tr = float(m.diagonal().sum())
+                g.held = float(((m @ u.to(m.dtype)) * u.to(m.dtype)).sum()) / tr if tr > 0 else None
+            else:
+                g.held = None
+            g.basis = u.to(self.basis_dtype)
             g.moment = m
         for e in self._entries:
             if e.kind == "lora" and self.lora == "both" and e.group.moment is not None:
@@ -84,24 +91,21 @@ class BasesMixin:
         Not available with ``contrast > 0`` (the basis is not a capability-energy basis) or after
         ``update(decay>0)`` (the averaged moment is not what was just observed): use ``update()`` there.
         """
-        if isinstance(tol, bool) or not isinstance(tol, (int, float)) or not (0.0 <= tol < 1.0):
-            raise ValueError(f"tol must be a number in [0, 1), got {tol!r}")
-        if self.contrast > 0:
-            raise ValueError("update_if_drifted() with contrast > 0: the bases come from the contrasted moment, "
-                             "not from the capability energy coverage() measures; call update()")
-        if any(s is not None for g in self._groups for s in g.ema.values()):
-            raise ValueError("update_if_drifted() after update(decay>0): the bases come from the averaged moments; "
-                             "call update()")
+        self._check_drift_args(tol, "update_if_drifted()")
         if self._observing is not None:
             raise RuntimeError("update_if_drifted() inside observe(): leave the observe() context first")
         self._all_reduce()
         fits = self.coverage()
         # an input observed now that has no basis yet needs the eigensolve; one not observed keeps its basis
         unseen = [g for g in self._groups if g.basis is None and g.acc["capability"] is not None]
-        drifted = [name for name, c in fits.items() if c < self.energy - tol]
+        # against what each basis held of the moment it was built from (below energy when max_rank capped it)
+        by_name = {g.members[0]: g for g in self._groups}
+        drifted = [name for name, c in fits.items()
+                   if c < min(self.energy, by_name[name].held if by_name[name].held is not None else 1.0) - tol]
         self.last_coverage = fits
-        if drifted or unseen or self.updates == 0 or any(e.kind == "lora" for e in self._entries):
-            # LoRA B bases depend on A, which trains: coverage() does not measure them
+        lora_b = self.lora == "both" and any(e.kind == "lora" for e in self._entries)
+        if drifted or unseen or self.updates == 0 or lora_b:
+            # lora="both": the B bases follow A, which trains, and coverage() does not measure them
             self._update_reduced(0.0)
             return True
         for e in self._entries:
@@ -111,6 +115,18 @@ class BasesMixin:
             for s in SIDES:
                 g.acc[s], g.count[s] = None, 0.0
         return False
+
+    def _check_drift_args(self, tol: Any, where: str) -> None:
+        """Refuse what ``update_if_drifted`` cannot judge, before anything is observed or changed."""
+        if isinstance(tol, bool) or not isinstance(tol, (int, float)) or not (0.0 <= tol < 1.0):
+            raise ValueError(f"{where}: tol must be a number in [0, 1), got {tol!r}")
+        if self.contrast > 0:
+            raise ValueError(f"{where} with contrast > 0: the bases come from the contrasted moment, not from the "
+                             f"capability energy coverage() measures; call update()")
+        if any(s is not None for g in self._groups for s in g.ema.values()) or \
+                any(s is not None for e in self._entries if e.kind == "embedding" for s in e.ema_counts.values()):
+            raise ValueError(f"{where} after update(decay>0): the bases come from the averaged moments; "
+                             f"call update()")
 
     def _basis(self, m: torch.Tensor, prev: torch.Tensor | None, psd: bool, floor: float = 1e-12) -> torch.Tensor:
         # EIGH_MAX_DIM read from the object: an instance may lower it (tests reach subspace iteration cheaply)

@@ -29,6 +29,7 @@ class DistinctInput:
         self.ema: dict[str, torch.Tensor | None] = {s: None for s in SIDES}
         self.basis: torch.Tensor | None = None
         self.moment: torch.Tensor | None = None  # the matrix the last basis came from (for LoRA B), transient
+        self.held: float | None = None  # the fraction of that (PSD) matrix's trace the basis holds
         self.n_accum = 0
         # relative eigenvalue floor below which directions are round-off: float32 products leave ~1e-7 noise
         self.floor = ROUND_OFF[torch.float64]

@@ -59,6 +59,8 @@ class LoaderMixin:
         if tol is not None and decay:
             raise ValueError("refresh(): tol (keep bases that did not move) and decay (average the moments) "
                              "exclude each other")
+        if tol is not None:
+            self._check_drift_args(tol, "refresh(tol=...)")  # before the forwards, not after
         n = self.observe_loader(self.loader, forward=self.forward_fn, max_batches=self.max_batches)
         if n == 0:
             raise RuntimeError("refresh(): the loader yielded no batch (an exhausted iterator?); the bases were "

@@ -16,14 +16,15 @@ __all__ = ["RefreshSchedule"]
 class RefreshSchedule:
     """Refresh steps for activation bases: every ``every`` steps while they move, doubling while they do not.
 
-    Use in a training loop (``sub`` an ``ActivationSubspace`` built from ``loader``)::
+    Use in a training loop::
 
+        sub = ActivationSubspace.from_loader(model, loader, energy=0.9)
         schedule = RefreshSchedule(every=10, tol=0.02)
         for step in range(steps):
             ...
             if schedule.due(step):
-                sub.observe_loader(loader)                              # the same batches each time
-                schedule.record(step, moved=sub.update_if_drifted(schedule.tol))
+                # re-observes the loader it was built from (the same batches each time); tol=None: update()
+                schedule.record(step, moved=sub.refresh(tol=schedule.tol))
             opt.step()
 
     Args:
@@ -93,6 +94,8 @@ class RefreshSchedule:
     def __eq__(self, other: object) -> bool:
         return isinstance(other, RefreshSchedule) and (self.every, self.tol, self.max_every) == (
             other.every, other.tol, other.max_every)
+
+    __hash__ = None  # type: ignore[assignment]  # equal by settings, but mutable: not a dict key
 
     def __repr__(self) -> str:
         return f"RefreshSchedule(every={self.every}, tol={self.tol}, max_every={self.max_every})"

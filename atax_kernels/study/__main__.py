@@ -77,7 +77,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--refresh-every", type=int, default=10, help="activation bases refreshed every N steps")
     g.add_argument("--refresh-tol", type=float, default=0.0,
                    help="> 0: at each refresh step keep the bases (skip the eigensolves) while each holds at least "
-                        "energy - TOL of what it observes, and double the interval; 0: rebuild every N steps")
+                        "energy - TOL of what it observes, and double the interval; 0: rebuild every N steps "
+                        "(contrast methods always rebuild)")
     g.add_argument("--basis-batches", type=int, default=4, help="retain batches the activation bases observe")
     g.add_argument("--dpo-impl", default="own", choices=("own", "trl"),
                    help="own: the DPO loss in the study's loop (every method; reference log-probs precomputed); "

@@ -165,8 +165,9 @@ def render_markdown(result: dict[str, Any]) -> str:
     lines.append(f"- training: {cfg['steps']} AdamW steps, batch {cfg['batch_size']}, max length "
                  f"{cfg['max_length']}, weight decay {cfg['weight_decay']}, DPO β {cfg['beta']}; activation bases "
                  f"from {cfg['basis_batches']} retain batches, refreshed every {cfg['refresh_every']} steps"
-                 + (f" while they move (a check keeps bases that hold energy − {cfg['refresh_tol']:g} of what they "
-                    f"observe, and doubles the interval)" if cfg.get("refresh_tol") else ""))
+                 + (f" while they move (without contrast: a refresh step keeps bases that still hold energy − "
+                    f"{cfg['refresh_tol']:g} of what they observe, and doubles the interval)"
+                    if cfg.get("refresh_tol") else ""))
     lines.append(f"- scoring: greedy, {cfg['max_new_tokens']} new tokens; held-out sets capped at {cfg['max_eval']} "
                  f"per part, train-split scores on {cfg['train_eval']} train examples")
     lines += ["", "Split sizes (train / held / scored) per seed:", "",

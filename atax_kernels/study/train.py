@@ -147,8 +147,8 @@ class TrainResult:
     removed_fraction: float | None = None
     basis_mib: float | None = None
     rank_mean: float | None = None
-    refreshes: int = 0                  # bases rebuilt (eigensolves) during training
-    refresh_checks: int = 0             # refresh steps (forwards observed), rebuilt or not
+    refreshes: int | None = 0           # bases rebuilt (eigensolves) during training; None: not counted (TRL)
+    refresh_checks: int | None = 0      # refresh steps (forwards observed), rebuilt or not
     notes: list[str] = field(default_factory=list)
 
 
@@ -260,6 +260,8 @@ def train(model: torch.nn.Module, base: torch.nn.Module, method: Method, safety:
     refresh_total = 0.0
     # a contrast basis is not a capability-energy basis: update_if_drifted cannot judge it, so fixed interval
     adaptive = cfg.refresh_tol > 0 and not p.get("c")
+    if cfg.refresh_tol > 0 and kind in ("act", "act+ptx") and not adaptive:
+        notes.append("--refresh-tol not applied: a contrast basis is rebuilt at every refresh step")
     schedule = RefreshSchedule(cfg.refresh_every, cfg.refresh_tol if adaptive else None)
     t_start = time.perf_counter()
     for step in range(cfg.steps):
@@ -319,7 +321,9 @@ def train(model: torch.nn.Module, base: torch.nn.Module, method: Method, safety:
     elif kind == "kl":
         xf, xb = 2.0, 1.0
     else:
-        xf = ref_batches * schedule.checks / max(1, cfg.steps) + (1.0 if kind == "act+ptx" else 0.0)
+        # fixed interval: the steady-state rate (as earlier rows); adaptive: the checks this run made
+        per_step = ref_batches * schedule.checks / max(1, cfg.steps) if adaptive else ref_batches / cfg.refresh_every
+        xf = per_step + (1.0 if kind == "act+ptx" else 0.0)
         xb = 1.0 if kind == "act+ptx" else 0.0
     if cfg.objective == "dpo":
         notes.append("dpo: one safety batch = chosen + rejected; the reference log-probs are precomputed once")
@@ -427,6 +431,7 @@ def train_trl(model: torch.nn.Module, base: torch.nn.Module, method: Method, pre
                       refresh_seconds_per_step=0.0, setup_seconds=setup, extra_forward=xf, extra_backward=xb,
                       loss_first=losses[0] if losses else float("nan"),
                       loss_last=losses[-1] if losses else float("nan"), removed_fraction=removed,
+                      refreshes=None, refresh_checks=None,
                       notes=["trl DPOTrainer (reference forward every step, inside s/step); activation refreshes "
                              "inside s/step"])
     if sub is not None:
