@@ -134,7 +134,8 @@ def test_every_method_both_objectives(tiny, tmp_path):
     by = {(r["objective"], r["method"]): r for r in rows}
     assert (by["sft", "ptx 1"]["extra_forward"], by["sft", "ptx 1"]["extra_backward"]) == (1.0, 1.0)
     assert (by["sft", "kl 0.5"]["extra_forward"], by["sft", "kl 0.5"]["extra_backward"]) == (2.0, 1.0)
-    assert by["sft", "act e0.9"]["extra_backward"] == 0.0 and by["sft", "act e0.9"]["refreshes"] == 1
+    assert by["sft", "act e0.9"]["extra_backward"] == 0.0 and by["sft", "act e0.9"]["refresh_checks"] == 1
+    assert by["sft", "act e0.9"]["refreshes"] in (0, 1)  # the quick tier's --refresh-tol keeps unmoved bases
     assert 0 < by["sft", "act e0.9"]["removed_fraction"] <= 1 and by["sft", "act e0.9"]["basis_mib"] > 0
     assert by["dpo", "grad"]["removed_fraction"] is not None
     # training moved the weights: the plain run's drift differs from the base's
