@@ -351,3 +351,16 @@ def test_refresh_tol_keeps_older_rows_resumable(monkeypatch):
 def test_bad_refresh_tol(tiny, tmp_path, capsys):
     _refused(args(tiny, tmp_path / "o", tmp_path / "cache", "--refresh-tol", "1.5"), capsys, tmp_path,
              "--refresh-tol")
+
+
+def test_refresh_tol_with_trl_dpo(tiny, tmp_path, capsys):
+    """An explicit --refresh-tol cannot apply to TRL's fixed-interval attach(): refused; the tier default yields."""
+    pytest.importorskip("trl")
+    _refused(args(tiny, tmp_path / "o", tmp_path / "cache", "--methods", "act:e=0.9", "--objective", "dpo",
+                  "--dpo-impl", "trl", "--refresh-tol", "0.02"), capsys, tmp_path, "--refresh-tol")
+    from atax_kernels.study.__main__ import build_parser, config_from_args
+
+    argv = ["--dpo-impl", "trl", "--objective", "dpo"]
+    assert config_from_args(build_parser().parse_args(argv), argv).refresh_tol == 0.0
+    assert config_from_args(build_parser().parse_args([]), []).refresh_tol == 0.02
+    assert config_from_args(build_parser().parse_args(["--full"]), ["--full"]).refresh_tol == 0.0

@@ -79,7 +79,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--refresh-tol", type=float,
                    help="> 0: at each refresh step keep the bases (skip the eigensolves) while each holds at least "
                         "energy - TOL of what it observes, and double the interval; 0: rebuild every N steps "
-                        "(contrast methods always rebuild). Default: 0.02 quick tier, 0 full tier")
+                        "(contrast methods always rebuild). Default: 0.02 quick tier, 0 full tier and with "
+                        "--dpo-impl trl")
     g.add_argument("--basis-batches", type=int, default=4, help="retain batches the activation bases observe")
     g.add_argument("--dpo-impl", default="own", choices=("own", "trl"),
                    help="own: the DPO loss in the study's loop (every method; reference log-probs precomputed); "
@@ -111,6 +112,13 @@ def _floats(text: str, what: str) -> tuple[float, ...]:
         raise SystemExit(f"error: {what} must be comma-separated numbers, got {text!r}") from None
 
 
+def _refresh_tol(args: argparse.Namespace, tier: dict) -> float:
+    """--refresh-tol, else the tier's; 0 under --dpo-impl trl, whose attach() refreshes at a fixed interval."""
+    if args.refresh_tol is not None:
+        return args.refresh_tol
+    return 0.0 if args.dpo_impl == "trl" else tier["refresh_tol"]
+
+
 def config_from_args(args: argparse.Namespace, argv: list[str]):
     from .config import StudyConfig
 
@@ -137,7 +145,8 @@ def config_from_args(args: argparse.Namespace, argv: list[str]):
         lrs=_floats(args.lrs or tier["lrs"], "--lr"), seeds=seeds, methods=args.methods or tier["methods"],
         steps=args.steps or tier["steps"], batch_size=args.batch_size, max_length=args.max_length,
         weight_decay=args.weight_decay, beta=args.beta, refresh_every=args.refresh_every,
-        refresh_tol=tier["refresh_tol"] if args.refresh_tol is None else args.refresh_tol, basis_batches=args.basis_batches, backend=args.backend, dpo_impl=args.dpo_impl,
+        refresh_tol=_refresh_tol(args, tier), basis_batches=args.basis_batches, backend=args.backend,
+        dpo_impl=args.dpo_impl,
         max_eval=args.max_eval or tier["max_eval"],
         train_eval=tier["train_eval"] if args.train_eval is None else args.train_eval,
         max_new_tokens=args.max_new_tokens or tier["max_new_tokens"], gen_batch_size=args.gen_batch_size,
