@@ -79,10 +79,11 @@ class BasesMixin:
         """``update()`` only if the bases no longer fit what was observed since the last update; else discard it.
 
         The check is :meth:`coverage` (no eigensolve): an input has drifted when the current basis holds less
-        than ``energy - tol`` of the capability moment observed now. With every input within ``tol`` the observed
+        than ``min(energy, what it held of the moment it was built from) - tol`` of the capability moment
+        observed now (below ``energy`` when ``max_rank`` capped it). With every input within ``tol`` the observed
         moments are dropped, the bases are kept and ``False`` is returned; otherwise ``update()`` runs (all
         inputs) and ``True`` is returned. Protected tokens (embeddings) are recomputed from the observed counts
-        either way (no eigensolve); with LoRA layers it always runs ``update()`` (their B bases follow A, which
+        either way (no eigensolve); with ``lora="both"`` it always runs ``update()`` (the B bases follow A, which
         trains). Observe the *same* capability batches the bases were built from (as
         ``refresh()`` does), so the check measures the model's drift and not the sampling noise of new batches.
         Measured on SmolLM2-135M-Instruct (SFT, lr 3e-5, 30 steps, 4 fixed batches): bases rebuilt every 10 steps
