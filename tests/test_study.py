@@ -364,3 +364,27 @@ def test_refresh_tol_with_trl_dpo(tiny, tmp_path, capsys):
     assert config_from_args(build_parser().parse_args(argv), argv).refresh_tol == 0.0
     assert config_from_args(build_parser().parse_args([]), []).refresh_tol == 0.02
     assert config_from_args(build_parser().parse_args(["--full"]), ["--full"]).refresh_tol == 0.0
+
+
+def test_act_modules_selector(tiny, tmp_path):
+    """act:mods=attn|mlp protects only the layers of those blocks; the default spec is what it was before the key
+    existed (committed rows keep resuming); a run with mods=mlp trains and reports its (smaller) bases."""
+    from transformers import AutoModelForCausalLM
+
+    from atax_kernels.study.methods import parse_method
+    from atax_kernels.study.train import block_modules
+
+    assert parse_method("act:e=0.9").spec == "act:e=0.9:c=0:pos=all"
+    m = parse_method("act:e=0.9:mods=mlp")
+    assert m.spec == "act:e=0.9:c=0:pos=all:mods=mlp" and m.name == "act e0.9 mlp only"
+    with pytest.raises(ValueError, match="mods"):
+        parse_method("act:mods=heads")
+    model = AutoModelForCausalLM.from_pretrained(tiny)
+    attn, mlp = block_modules(model, "attn"), block_modules(model, "mlp")
+    assert attn and all(n.split(".")[-1] in ("q_proj", "k_proj", "v_proj", "o_proj") for n in attn)
+    assert mlp and all(n.split(".")[-1] in ("gate_proj", "up_proj", "down_proj") for n in mlp)
+    assert block_modules(model, "all") is None
+    out = tmp_path / "out"
+    assert run_main(args(tiny, out, tmp_path / "cache", "--methods", "act:e=0.9,act:e=0.9:mods=mlp")) == 0
+    rows = {r["method"]: r for r in json.loads((out / "s.json").read_text())["rows"]}
+    assert 0 < rows["act e0.9 mlp only"]["basis_mib"] < rows["act e0.9"]["basis_mib"]

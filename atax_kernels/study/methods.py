@@ -12,7 +12,9 @@ Grammar: ``KIND[:key=value]...``; kinds and their keys (defaults in brackets):
 * ``act:e=E:c=β:pos=all|answer`` [0.9, 0, all]: :class:`~atax_kernels.ActivationSubspace` built from retain
   train batches (``from_loader``), ``refresh()`` every ``--refresh-every`` steps, the realised update projected
   by ``ProjectedOptimizer(activation_subspace=...)``. No extra backward; the refresh forwards are amortised.
-* ``act+ptx:e=E:w=λ:c=β:pos=`` [0.9, 1.0, 0, all]: the same bases, the safety gradient projected and the PTX
+  ``mods=attn|mlp`` protects only the linear layers under an attention (a path component containing
+  ``attn``) or an MLP (``mlp``) block [all: every supported module, embeddings included].
+* ``act+ptx:e=E:w=λ:c=β:pos=:mods=`` [0.9, 1.0, 0, all, all]: the same bases, the safety gradient projected and the PTX
   gradient (captured with ``capture_reference``) added after, so PTX is not projected away
   (``ProjectedOptimizer(activation_subspace=..., ptx_weight=λ)``).
 * ``interp:a=α`` [0.5]: the plain run's weights moved back toward the base, ``θ_base + α (θ_plain − θ_base)``
@@ -33,11 +35,13 @@ _KEYS = {
     "ptx": {"w": 1.0},
     "kl": {"w": 0.5},
     "grad": {"mode": "orthogonal"},
-    "act": {"e": 0.9, "c": 0.0, "pos": "all"},
-    "act+ptx": {"e": 0.9, "w": 1.0, "c": 0.0, "pos": "all"},
+    "act": {"e": 0.9, "c": 0.0, "pos": "all", "mods": "all"},
+    "act+ptx": {"e": 0.9, "w": 1.0, "c": 0.0, "pos": "all", "mods": "all"},
     "interp": {"a": 0.5},
 }
-_CHOICES = {"mode": ("orthogonal", "conflict"), "pos": ("all", "answer", "prompt")}
+_CHOICES = {"mode": ("orthogonal", "conflict"), "pos": ("all", "answer", "prompt"), "mods": ("all", "attn", "mlp")}
+#: Keys added after rows were committed, left out of ``spec`` at their default so those rows still resume.
+_QUIET_DEFAULTS = {"mods": "all"}
 
 #: The quick tier (``make demo``, <= 15 min on 2 cores): plain and its free interpolation, PTX, activation projection
 #: alone and with PTX. Gradient projection (grad) is in the full tier: on SmolLM2 it removed ~3 % and ended like
@@ -76,6 +80,8 @@ class Method:
             s += f" c{p['c']:g}"
         if p["pos"] != "all":
             s += f" {p['pos']}"
+        if p.get("mods", "all") != "all":
+            s += f" {p['mods']} only"
         if self.kind == "act+ptx":
             s += f" + ptx {p['w']:g}"
         return s
@@ -90,7 +96,8 @@ class Method:
 
     @property
     def spec(self) -> str:
-        return ":".join([self.kind] + [f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in self.params])
+        return ":".join([self.kind] + [f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in self.params
+                                       if _QUIET_DEFAULTS.get(k, object()) != v])
 
 
 def parse_method(text: str) -> Method:

@@ -152,6 +152,23 @@ class TrainResult:
     notes: list[str] = field(default_factory=list)
 
 
+def block_modules(model: torch.nn.Module, which: str) -> list[str] | None:
+    """Names of the supported linear layers under attention (``"attn"``: a path component containing ``attn``)
+    or MLP (``"mlp"``) blocks; ``None`` for ``"all"`` (every supported module). LoRA's inner A/B layers are
+    not listed (their LoRA layer is)."""
+    from ..activation.discovery import module_kind
+
+    if which == "all":
+        return None
+    names = [n for n, m in model.named_modules()
+             if module_kind(m) in ("linear", "conv1d", "lora") and ".lora_" not in n and "base_layer" not in n
+             and any(which in part for part in n.split("."))]
+    if not names:
+        raise ValueError(f"mods={which}: no linear layer of the model sits under a module whose name contains "
+                         f"{which!r}")
+    return names
+
+
 class _Stream:
     """Random batches of a row list (indices from one generator, so a run is a function of its seed)."""
 
@@ -231,7 +248,8 @@ def train(model: torch.nn.Module, base: torch.nn.Module, method: Method, safety:
         order = torch.randperm(len(retain), generator=torch.Generator().manual_seed(cfg.seed + 101)).tolist()
         rows = [retain[i] for i in order[:cfg.basis_batches * cfg.batch_size]]
         basis_loader = batches(rows, cfg.batch_size, pad_id, device)
-        sub = ActivationSubspace(model, energy=float(p["e"]), contrast=float(p["c"]))
+        sub = ActivationSubspace(model, energy=float(p["e"]), contrast=float(p["c"]),
+                                 modules=block_modules(model, str(p.get("mods", "all"))))
         if p["c"]:
             # contrast bases need safety moments from the first update on: one no-grad safety forward
             was = model.training
