@@ -19,7 +19,7 @@ from .ops import available_backends, combine_, gram
 from .projection import ProjectionStats, project_
 from .references.subspace import Subspace
 from .optim import ProjectedOptimizer
-from .activation import ActivationSubspace
+from .activation import ActivationSubspace, RefreshSchedule
 from .plain import project_model_
 from . import objectives
 from .interpolate import interpolate_
@@ -29,5 +29,5 @@ from .tax import TaxRate, TaxReport, distinct_n, expected_calibration_error, mea
 __version__ = "0.1.0"
 
 __all__ = ["gram", "combine_", "project_", "ProjectionStats", "available_backends", "Subspace",
-           "ProjectedOptimizer", "ActivationSubspace", "project_model_", "objectives", "interpolate_", "pareto_sweep", "measure_alignment_tax", "TaxReport", "tax_rate",
+           "ProjectedOptimizer", "ActivationSubspace", "RefreshSchedule", "project_model_", "objectives", "interpolate_", "pareto_sweep", "measure_alignment_tax", "TaxReport", "tax_rate",
            "TaxRate", "expected_calibration_error", "mean_entropy", "distinct_n", "__version__"]

@@ -24,10 +24,13 @@ def empty_stats(sub: "ActivationSubspace", device: torch.device) -> ActivationSt
                            update_removed_fraction=torch.zeros((), dtype=torch.float64, device=device))
 
 
-def refresh(sub: "ActivationSubspace", forward: Callable[[], Any]) -> None:
+def refresh(sub: "ActivationSubspace", forward: Callable[[], Any], tol: float | None = None) -> bool:
     """Recompute ``sub``'s bases from one capability pass: ``forward()`` (its return value is ignored) runs
     under ``sub.observe()`` with the model in eval mode, the model's train mode is restored, then
-    ``sub.update()``."""
+    ``sub.update()`` — or, with ``tol``, ``sub.update_if_drifted(tol)`` (keeps the bases that still hold what
+    was observed). Returns whether the bases were rebuilt."""
+    if tol is not None:
+        sub._check_drift_args(tol, "refresh(tol=...)")  # before the forward, not after
     was_training = sub.model.training
     sub.model.eval()  # as observe_loader: capability inputs without dropout noise widening the span
     try:
@@ -35,7 +38,10 @@ def refresh(sub: "ActivationSubspace", forward: Callable[[], Any]) -> None:
             forward()
     finally:
         sub.model.train(was_training)
+    if tol is not None:
+        return sub.update_if_drifted(tol)
     sub.update()
+    return True
 
 
 class UpdateSnapshot:

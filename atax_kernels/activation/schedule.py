@@ -8,9 +8,11 @@ for eigensolves that return what it had; the doubling schedule pays one check fo
 """
 from __future__ import annotations
 
-from typing import Any
+import warnings
+from typing import Any, Callable
 
-__all__ = ["RefreshSchedule"]
+__all__ = ["RefreshSchedule", "refresh_if_due", "check_refresh_every", "check_schedule_for",
+           "refresh_every_state", "load_refresh_every_state"]
 
 
 class RefreshSchedule:
@@ -99,3 +101,79 @@ class RefreshSchedule:
 
     def __repr__(self) -> str:
         return f"RefreshSchedule(every={self.every}, tol={self.tol}, max_every={self.max_every})"
+
+
+def check_refresh_every(refresh_every: Any, where: str) -> None:
+    """``refresh_every`` is a positive int (a fixed interval) or a :class:`RefreshSchedule`; else a
+    ``ValueError`` naming ``where``."""
+    if isinstance(refresh_every, RefreshSchedule):
+        return
+    if isinstance(refresh_every, bool) or not isinstance(refresh_every, int) or refresh_every < 1:
+        raise ValueError(f"{where}: refresh_every must be a positive int or an "
+                         f"atax_kernels.activation.RefreshSchedule, got {refresh_every!r}")
+
+
+def check_schedule_for(sub: Any, schedule: RefreshSchedule, where: str, *, can_observe: bool) -> None:
+    """Refuse, before any step, a drift-checked schedule (``tol`` given) that ``update_if_drifted`` could not
+    judge: no capability forward to re-observe (``can_observe``), ``contrast > 0``, averaged moments."""
+    if not schedule.adaptive:
+        return
+    if not can_observe:
+        raise ValueError(f"{where}: RefreshSchedule(tol={schedule.tol}) re-observes capability data at each "
+                         f"check, and there is none to observe: build the subspace with "
+                         f"ActivationSubspace.from_loader(model, capability_loader) (or pass reference_fn= to "
+                         f"ProjectedOptimizer), or use RefreshSchedule(tol=None) / an int refresh_every")
+    sub._check_drift_args(schedule.tol, f"{where}: RefreshSchedule(tol={schedule.tol})")
+
+
+def refresh_if_due(refresh_every: "int | RefreshSchedule", step: int, rebuild: Callable[[float | None], bool], *,
+                   at_start: bool) -> bool | None:
+    """The one refresh rule of every optimizer and trainer path: at optimizer step ``step`` (0-based), run
+    ``rebuild(tol)`` if a refresh is due, and return whether the bases were rebuilt (``None``: not due).
+
+    ``refresh_every`` an int: due when ``step % refresh_every == 0`` and ``tol`` is ``None`` (a rebuild).
+    A :class:`RefreshSchedule`: due when ``schedule.due(step)``, with its ``tol`` (``rebuild`` may keep the
+    bases and return ``False``), and the outcome is recorded so the interval doubles while they are kept.
+    Step 0 is due only when ``at_start`` (the caller knows whether bases exist yet); it is not recorded, so the
+    first check stays at step ``every``.
+    """
+    schedule = refresh_every if isinstance(refresh_every, RefreshSchedule) else None
+    if step == 0:
+        due = at_start
+    elif schedule is not None:
+        due = schedule.due(step)
+    else:
+        due = step % refresh_every == 0
+    if not due:
+        return None
+    moved = bool(rebuild(None if schedule is None else schedule.tol))
+    if schedule is not None and step > 0:
+        schedule.record(step, moved=moved)
+    return moved
+
+
+def refresh_every_state(refresh_every: "int | RefreshSchedule") -> Any:
+    """What a checkpoint stores for ``refresh_every``: the int, or the schedule's ``state_dict()`` (plain data,
+    loadable with ``torch.load(weights_only=True)``)."""
+    if isinstance(refresh_every, RefreshSchedule):
+        return refresh_every.state_dict()
+    return refresh_every
+
+
+def load_refresh_every_state(refresh_every: "int | RefreshSchedule", saved: Any, where: str) -> None:
+    """Restore a schedule's position from what :func:`refresh_every_state` saved. The constructor's settings
+    win: a checkpoint saved with another interval (or an int) leaves the schedule as constructed, with a
+    ``UserWarning``; an int ``refresh_every`` has no position to restore."""
+    if not isinstance(refresh_every, RefreshSchedule) or saved is None:
+        return
+    if isinstance(saved, dict):
+        try:
+            saved_settings = RefreshSchedule(saved["every"], saved["tol"], saved["max_every"])
+        except (KeyError, TypeError, ValueError):
+            saved_settings = None
+        if saved_settings == refresh_every:
+            refresh_every.load_state_dict(saved)
+            return
+    warnings.warn(f"{where}: the checkpoint was saved with refresh_every={saved!r}; keeping {refresh_every!r} "
+                  f"as constructed (its position is not resumed: it checks at the first step at or past "
+                  f"{refresh_every.next_step})", UserWarning, stacklevel=3)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import warnings
 from typing import Any
 
+from ..activation.schedule import RefreshSchedule, load_refresh_every_state, refresh_every_state
 from ..references.subspace import Subspace
 
 __all__ = ["state_dict", "load_state_dict"]
@@ -20,7 +21,7 @@ def state_dict(self: Any) -> dict[str, Any]:
                 "target": self.target, "ptx_weight": self.ptx_weight, "reference": self.reference,
                 "ema_beta": self.ema_beta, "reference_dtype": self.reference_dtype,
                 "max_references": self.max_references,
-                "refresh_every": self.refresh_every,
+                "refresh_every": refresh_every_state(self.refresh_every),
             },
             "steps": self._steps,
             "ema": [[None if t is None else t.clone() for t in slot] for slot in self._ema],
@@ -55,12 +56,17 @@ def load_state_dict(self: Any, state_dict: dict[str, Any]) -> None:
         if len(slot) != len(params):
             raise ValueError(f"EMA state covers {len(slot)} parameters, optimizer has {len(params)}")
     differ = [f"{key}: checkpoint {value!r}, this optimizer {getattr(self, key)!r}"
-              for key, value in atax["settings"].items() if hasattr(self, key) and getattr(self, key) != value]
+              for key, value in atax["settings"].items()
+              if hasattr(self, key) and key != "refresh_every" and getattr(self, key) != value]
+    saved_every = atax["settings"].get("refresh_every")
+    if not isinstance(self.refresh_every, RefreshSchedule) and saved_every != self.refresh_every:
+        differ.append(f"refresh_every: checkpoint {saved_every!r}, this optimizer {self.refresh_every!r}")
     self.optimizer.load_state_dict(state_dict["optimizer"])
     if differ:
         warnings.warn("ProjectedOptimizer.load_state_dict: the checkpoint was saved with other settings; "
                       "keeping the constructor's (" + "; ".join(differ) + ")", UserWarning, stacklevel=3)
     self._steps = int(atax["steps"])
+    load_refresh_every_state(self.refresh_every, saved_every, "ProjectedOptimizer.load_state_dict")
     self._ema = [[None if t is None else t.to(p.device, self.reference_dtype or t.dtype) for t, p in zip(slot, params)]
                  for slot in atax["ema"]]
     self._ema_count = list(atax["ema_count"])

@@ -32,6 +32,7 @@ from .._dtensor import local
 from .._gradstash import GradStash
 from .._warn import user_stacklevel
 from ..activation.apply import UpdateSnapshot, empty_stats, refresh
+from ..activation.schedule import RefreshSchedule, refresh_if_due
 from ..projection import ProjectionStats, project_resolved, unprojected_stats
 from ..references.ema import capture_verdict, fold_ema_
 from ..references.subspace import Subspace
@@ -69,7 +70,11 @@ class ProjectedOptimizer(torch.optim.Optimizer):
             gradients (zero-copy), runs ``reference_fn().backward()``, captures, restores and projects, every
             ``refresh_every`` steps (reusing the EMA in between; with live references it refreshes every step).
             A drop-in for loops that only call ``optimizer.step()``.
-        refresh_every: see ``reference_fn``.
+        refresh_every: see ``reference_fn``. With ``activation_subspace`` and ``reference_fn`` it may also be a
+            :class:`~atax_kernels.activation.RefreshSchedule` (e.g. ``RefreshSchedule(every=10, tol=0.02)``): at
+            each of its checks ``reference_fn()`` is observed and the bases are rebuilt only if they no longer
+            hold what it shows (``ActivationSubspace.update_if_drifted``), the interval doubling while they are
+            kept; step 0 builds bases only if there are none. Its position is saved in ``state_dict()``.
         scaler: the ``GradScaler`` in use, if any. Captured gradients are scaled; the wrapper divides by the
             scale where magnitudes matter (EMA, PTX) and scales ``reference_fn``'s backward the same way.
         backend: kernel backend for ``project_`` (None: fastest available).
@@ -106,7 +111,7 @@ class ProjectedOptimizer(torch.optim.Optimizer):
         max_references: int = 8,
         subspace: Subspace | None = None,
         reference_fn: Callable[[], torch.Tensor] | None = None,
-        refresh_every: int = 1,
+        refresh_every: int | RefreshSchedule = 1,
         scaler: Any = None,
         backend: str | None = None,
         activation_subspace: Any = None,
@@ -128,7 +133,7 @@ class ProjectedOptimizer(torch.optim.Optimizer):
         self.reference_fn, self.refresh_every, self.scaler, self.backend = reference_fn, refresh_every, scaler, backend
         activation_target = check_activation_settings(
             optimizer, activation_subspace, activation_target, ptx_weight=ptx_weight, mode=mode, strength=strength,
-            granularity=granularity)
+            granularity=granularity, reference_fn=reference_fn, refresh_every=refresh_every)
         self.activation_subspace = activation_subspace
         self.activation_target = activation_target
         self._pending: list[tuple[list[torch.Tensor | None], float]] = []  # (tensors per param, inverse scale)
@@ -270,8 +275,10 @@ class ProjectedOptimizer(torch.optim.Optimizer):
         return dropped
 
     def _refresh_with_reference_fn(self, params: list[torch.Tensor]) -> None:
+        if self.reference_fn is None or self.activation_subspace is not None:
+            return  # with activation_subspace, reference_fn refreshes the bases (step()), not a reference
         due = self.reference == "live" or self._steps % self.refresh_every == 0 or not self._ema
-        if self.reference_fn is None or not due or self.activation_subspace is not None:
+        if not due:
             return
         stash = GradStash(params)
         try:
@@ -306,9 +313,13 @@ class ProjectedOptimizer(torch.optim.Optimizer):
         sub = self.activation_subspace
         if sub is None:
             return self._step_references(closure)
-        if self.reference_fn is not None and self._steps % self.refresh_every == 0:
-            refresh(sub, self.reference_fn)
-        elif sub.updates == 0:
+        refreshed = None
+        if self.reference_fn is not None:
+            # step 0: an int interval always rebuilds; a RefreshSchedule builds only bases that do not exist yet
+            at_start = not isinstance(self.refresh_every, RefreshSchedule) or sub.updates == 0
+            refreshed = refresh_if_due(self.refresh_every, self._steps,
+                                       lambda tol: refresh(sub, self.reference_fn, tol), at_start=at_start)
+        if refreshed is None and sub.updates == 0:
             if not sub.has_observed():  # checked here, not at construction: load_state_dict() may bring bases
                 raise ValueError(
                     "activation_subspace has observed no capability data and has no bases, so this step would "

@@ -8,6 +8,7 @@ import torch
 
 from .. import _validate as validate
 from ..projection import GRANULARITIES, MODES
+from ..activation.schedule import RefreshSchedule, check_refresh_every, check_schedule_for
 from ..references.subspace import Subspace
 
 __all__ = ["TARGETS", "REFERENCE_KINDS", "check_settings", "check_activation_settings"]
@@ -67,16 +68,23 @@ def check_settings(optimizer: Any, *, mode: str, strength: float, granularity: s
             f"reference_fn=lambda: loss_fn(model, next(batches)); got "
             f"{'a torch.nn.Module (the model?)' if isinstance(reference_fn, torch.nn.Module) else 'a callable that needs arguments'}"
             f" (atax_kernels.hf.attach(reference=...) is the one that takes (model) -> loss)")
-    if isinstance(refresh_every, bool) or not isinstance(refresh_every, int) or refresh_every < 1:
-        raise ValueError(f"refresh_every must be a positive int, got {refresh_every!r}")
+    check_refresh_every(refresh_every, "ProjectedOptimizer")
     if backend is not None:
         validate.check_choice(backend, "backend", ("torch", "cpu", "cuda", "triton"))
     return strength
 
 
 def check_activation_settings(optimizer: Any, activation_subspace: Any, activation_target: str | None, *,
-                              ptx_weight: float, mode: str, strength: float, granularity: str) -> str:
+                              ptx_weight: float, mode: str, strength: float, granularity: str,
+                              reference_fn: Any = None, refresh_every: Any = 1) -> str:
     """Check the activation-space arguments; returns the resolved ``activation_target``."""
+    if isinstance(refresh_every, RefreshSchedule):
+        if activation_subspace is None or reference_fn is None:
+            raise ValueError(
+                f"ProjectedOptimizer(refresh_every={refresh_every!r}): a RefreshSchedule decides when "
+                f"activation_subspace is refreshed from reference_fn (a no-grad capability forward); it needs both "
+                f"(got activation_subspace={'None' if activation_subspace is None else 'given'}, "
+                f"reference_fn={'None' if reference_fn is None else 'given'}); gradient references take an int")
     if activation_subspace is not None:
         from ..activation import ActivationSubspace
 
@@ -85,6 +93,8 @@ def check_activation_settings(optimizer: Any, activation_subspace: Any, activati
                             f"{type(activation_subspace).__name__}")
         activation_subspace.check_protects(
             [p for group in optimizer.param_groups for p in group["params"]], where="this optimizer")
+    if isinstance(refresh_every, RefreshSchedule):
+        check_schedule_for(activation_subspace, refresh_every, "ProjectedOptimizer", can_observe=True)
     if activation_target is None:
         activation_target = "grad" if ptx_weight > 0 else "update"
     validate.check_choice(activation_target, "activation_target", ("update", "grad"))

@@ -5,12 +5,13 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
 from ...activation import ActivationSubspace
 from ...activation.apply import UpdateSnapshot
+from ...activation.schedule import refresh_if_due
 
 __all__ = ["ActivationStep"]
 
@@ -37,11 +38,7 @@ class ActivationStep:
         sub = self.reference
         if self._resume_state is not None:
             self._apply_resume_state(params)
-        due = self.steps % self.refresh_every == 0 and (self.steps > 0 or sub.contrast > 0 or sub.updates == 0)
-        if due and sub.loader is not None:
-            sub.refresh()
-        elif due:
-            sub.update()
+        self._refresh_activation_if_due(sub)
         self.steps += 1
         opt = self.trainer.optimizer
         while isinstance(getattr(opt, "optimizer", None), torch.optim.Optimizer):
@@ -51,6 +48,21 @@ class ActivationStep:
             self._act_opt = opt
             self._act_hooks = [opt.register_step_pre_hook(lambda o, a, k: self._act_before_step()),
                                opt.register_step_post_hook(lambda o, a, k: self._act_after_step())]
+
+    def _refresh_activation_if_due(self, sub: ActivationSubspace,
+                                   around: Callable[[], Any] = contextlib.nullcontext) -> None:
+        """The refresh of both trainer paths (plain and DeepSpeed): re-observe the loader (or, without one, turn
+        what was observed into bases) when ``refresh_every`` says so, inside ``around()``. Step 0 refreshes only
+        when there are no bases yet, or with ``contrast`` > 0 (the first training batch was just observed as the
+        safety side)."""
+        def rebuild(tol: float | None) -> bool:
+            with around():
+                if sub.loader is not None:
+                    return sub.refresh(tol=tol)
+                sub.update()  # attach refuses a drift-checked schedule without a loader: tol is None here
+                return True
+
+        refresh_if_due(self.refresh_every, self.steps, rebuild, at_start=sub.contrast > 0 or sub.updates == 0)
 
     def _remove_activation_hooks(self) -> None:
         for h in getattr(self, "_act_hooks", []):

@@ -11,6 +11,7 @@ from typing import Any
 import torch
 
 from ...activation import ActivationSubspace
+from ...activation.schedule import load_refresh_every_state, refresh_every_state
 from ...references.subspace import Subspace
 from .ema import EMA, source_of
 from .sources import CapabilitySource
@@ -32,7 +33,8 @@ class CheckpointState:
         ref = self.reference
         state: dict[str, Any] = {"version": 1, "steps": self.steps, "kind": type(ref).__name__,
                                  "settings": {"mode": self.mode, "strength": self.strength,
-                                              "granularity": self.granularity, "refresh_every": self.refresh_every}}
+                                              "granularity": self.granularity,
+                                              "refresh_every": refresh_every_state(self.refresh_every)}}
         if isinstance(ref, EMA):
             state["ema"] = ref.state_dict()
         if isinstance(ref, Subspace):
@@ -59,6 +61,8 @@ class CheckpointState:
     def _apply_resume_state(self, params: list[torch.Tensor]) -> None:
         state, self._resume_state = self._resume_state, None
         self.steps = int(state["steps"])
+        load_refresh_every_state(self.refresh_every, state.get("settings", {}).get("refresh_every"),
+                                 "atax checkpoint resume")
         if isinstance(self.reference, EMA) and "ema" in state:
             self.reference.load_state_dict(state["ema"], params)
         if isinstance(self.reference, ActivationSubspace) and "activation" in state:

@@ -197,14 +197,10 @@ class DeepSpeedStep:
             return
         if not self.trainer.accelerator.sync_gradients:
             return
-        if self.steps % self.refresh_every == 0 and (self.steps > 0 or sub.contrast > 0 or sub.updates == 0):
-            from ..deepspeed.partitions import extra_pass
+        from ..deepspeed.partitions import extra_pass
 
-            with extra_pass(self.engine_handle.engine):   # keep ZeRO-3's prefetch trace to the training passes
-                if sub.loader is not None:
-                    sub.refresh()
-                else:
-                    sub.update()
+        # only a refresh that runs is an extra pass: keep ZeRO-3's prefetch trace to the training passes
+        self._refresh_activation_if_due(sub, around=lambda: extra_pass(self.engine_handle.engine))
 
     def _ds_after_training_step(self) -> None:
         """After ``training_step``: a step the engine projected joins the logging window."""
