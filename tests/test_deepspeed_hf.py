@@ -41,7 +41,7 @@ import test_hf_integration as T
 from atax_kernels.integrations.hf import attach
 
 mode, out, steps = os.environ["ATAX_MODE"], os.environ["ATAX_OUT"], int(os.environ["ATAX_STEPS"])
-activation = os.environ.get("ATAX_REF") == "activation"
+activation = os.environ.get("ATAX_REF") in ("activation", "activation-schedule")
 ema = os.environ.get("ATAX_REF") == "ema"
 subspace = os.environ.get("ATAX_REF") == "subspace"
 rank = int(os.environ["RANK"])
@@ -59,6 +59,7 @@ ds = datasets.Dataset.from_dict({"prompt": prompts * 2, "chosen": chosen * 2, "r
 
 
 def run(sub, max_steps, resume=None, save_steps=None):
+    schedule = None
     model = T.make_model(tok)
     if sub == "full" and rank == 0:
         torch.save(torch.cat([p.detach().reshape(-1).double() for p in model.parameters()]),
@@ -82,7 +83,10 @@ def run(sub, max_steps, resume=None, save_steps=None):
         # built after the trainer (the process group exists): update() sums the ranks' moments, one basis
         from atax_kernels import ActivationSubspace
         sub_ = ActivationSubspace.from_loader(trainer.model, [caps[rank], caps[rank + 2]], energy=0.9)
-        handle = attach(trainer, reference=sub_, refresh_every=2)
+        if os.environ["ATAX_REF"] == "activation-schedule":
+            from atax_kernels import RefreshSchedule
+            schedule = RefreshSchedule(every=1, tol=0.02)
+        handle = attach(trainer, reference=sub_, refresh_every=schedule or 2)
     elif subspace:
         # two capability gradients of the initial model (every rank the same), in the optimizer's order (the
         # Trainer's weight-decay group first), as the Subspace reference asks on every path
@@ -112,7 +116,7 @@ def run(sub, max_steps, resume=None, save_steps=None):
     logs = [{k: v for k, v in e.items() if k.startswith("atax/") or k == "step"}
             for e in trainer.state.log_history if any(k.startswith("atax/") for k in e)]
     torch.save(theta, os.path.join(out, f"{mode}-{sub}-rank{rank}.pt"))
-    res = {"logs": logs, "steps": handle.steps, "engine_attached": handle.engine_handle is not None,
+    res = {"logs": logs, "steps": handle.steps, "schedule": None if schedule is None else schedule.history, "engine_attached": handle.engine_handle is not None,
            "global_step": trainer.state.global_step,
            "files": sorted(os.listdir(os.path.join(out, sub, "checkpoint-2"))) if save_steps else [],
            "ds_files": sorted(os.listdir(os.path.join(out, sub, "checkpoint-2", "global_step2")))
@@ -210,6 +214,18 @@ def test_dpo_trainer_zero_activation_matches_ddp_and_resumes_exactly(stage, tmp_
     assert "atax_reference_rank0.pt" in run["files"] and "atax_activation_rank00000.pt" in run["ds_files"], run
 
 
+def test_dpo_trainer_zero3_drift_checked_refresh_matches_ddp(tmp_path_factory):
+    """attach(refresh_every=RefreshSchedule(every=1, tol=0.02)) under ZeRO-3: the checks (a loader forward
+    through the engine, inside extra_pass) decide as under DDP at the same steps, the parameters match DDP's,
+    and the resumed run continues the schedule from checkpoint-2 to the same decisions and parameters."""
+    run, ddp = _zero_vs_ddp(tmp_path_factory, 3, "activation-schedule")
+    assert ddp["schedule"] and run["schedule"] == ddp["schedule"], (run["schedule"], ddp["schedule"])
+    assert [step for step, _ in ddp["schedule"]][0] == 1   # the first check at `every`, not at step 0
+    for e, d in zip(run["logs"], ddp["logs"]):
+        for k in ("atax/update_removed_fraction", "atax/feature_rank_mean"):
+            assert abs(e[k] - d[k]) <= 1e-4 * max(1.0, abs(d[k])), (k, e, d)
+
+
 def _zero_vs_ddp(tmp_path_factory, stage: int, ref: str) -> tuple[dict, dict]:
     """The DDP and the ZeRO run of one reference kind; checks what every kind shares (step counts, identical
     replicas and logs across ranks, parameters equal to DDP's to 1e-4 of the distance training moved them, a
@@ -227,6 +243,7 @@ def _zero_vs_ddp(tmp_path_factory, stage: int, ref: str) -> tuple[dict, dict]:
     (s0, u0), (s1, u1) = _load(tmp, f"z{stage}-resumed-rank0"), _load(tmp, f"z{stage}-resumed-rank1")
     assert s0["global_step"] == STEPS and torch.equal(u0, t0) and torch.equal(u1, t1)
     assert s0["logs"][-1] == r0["logs"][-1], (s0["logs"], r0["logs"])
+    assert s0["schedule"] == r0["schedule"], (s0["schedule"], r0["schedule"])   # None without a RefreshSchedule
     return r0, ddp
 
 

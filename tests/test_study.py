@@ -388,3 +388,47 @@ def test_act_modules_selector(tiny, tmp_path):
     assert run_main(args(tiny, out, tmp_path / "cache", "--methods", "act:e=0.9,act:e=0.9:mods=mlp")) == 0
     rows = {r["method"]: r for r in json.loads((out / "s.json").read_text())["rows"]}
     assert 0 < rows["act e0.9 mlp only"]["basis_mib"] < rows["act e0.9"]["basis_mib"]
+
+
+def test_answered_lookalikes_join_the_safety_data(tiny, tmp_path, monkeypatch):
+    """la=1: the train look-alikes, answered as the base answers them, join the safety rows (SFT), or join as
+    pairs whose chosen is the base's answer and rejected a refusal (DPO); la=0 trains on the harmful rows only;
+    the default spec is what it was before the key existed (committed rows keep resuming)."""
+    from atax_kernels.study import train as T
+
+    assert parse_method("plain").spec == "plain" and parse_method("act:e=0.9").spec == "act:e=0.9:c=0:pos=all"
+    m = parse_method("act:e=0.9:la=1")
+    assert m.spec == "act:e=0.9:c=0:pos=all:la=1" and m.name == "act e0.9 + look-alikes" and m.answers_lookalikes
+    assert parse_method(m.spec) == m
+    for bad, msg in (("plain:la=2", "one of"), ("interp:la=1", "unknown key"),
+                     ("plain,plain:la=1,interp:a=0.5", "one plain")):
+        with pytest.raises(ValueError, match=msg):
+            parse_methods(bad)
+    seen = []
+    real_train = T.train
+
+    def recording_train(model, base, method, safety, retain, cfg, **kw):
+        seen.append((cfg.objective, method.name, len(safety.chosen),
+                     None if safety.rejected is None else len(safety.rejected), safety))
+        return real_train(model, base, method, safety, retain, cfg, **kw)
+
+    monkeypatch.setattr(T, "train", recording_train)
+    out = tmp_path / "out"
+    assert run_main(args(tiny, out, tmp_path / "cache", "--methods", "plain,plain:la=1,act:e=0.9:la=1",
+                         "--objective", "sft,dpo")) == 0
+    res = json.loads((out / "s.json").read_text())
+    split = res["setup"]["splits"]["0"]
+    n_harm, n_look = split["harmful"]["train"], split["lookalike"]["train"]
+    assert n_look > 0
+    by = {(obj, name): (n_c, n_r, s) for obj, name, n_c, n_r, s in seen}
+    assert by["sft", "plain"][:2] == (n_harm, None)
+    assert by["sft", "plain + look-alikes"][:2] == (n_harm + n_look, None)
+    assert by["sft", "act e0.9 + look-alikes"][:2] == (n_harm + n_look, None)
+    assert by["dpo", "plain"][:2] == (n_harm, n_harm)
+    assert by["dpo", "plain + look-alikes"][:2] == (n_harm + n_look, n_harm + n_look)
+    plain, la = by["sft", "plain"][2], by["sft", "plain + look-alikes"][2]
+    assert la.chosen[:n_harm] == plain.chosen   # the harmful rows unchanged, the look-alikes appended
+    dpo = by["dpo", "plain + look-alikes"][2]
+    assert dpo.ref_chosen.shape == (n_harm + n_look,) and dpo.ref_rejected.shape == (n_harm + n_look,)
+    rows = {(r["objective"], r["method"]) for r in res["rows"]}
+    assert {("sft", "plain + look-alikes"), ("dpo", "act e0.9 + look-alikes")} <= rows

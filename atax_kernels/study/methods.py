@@ -18,7 +18,13 @@ Grammar: ``KIND[:key=value]...``; kinds and their keys (defaults in brackets):
   gradient (captured with ``capture_reference``) added after, so PTX is not projected away
   (``ProjectedOptimizer(activation_subspace=..., ptx_weight=λ)``).
 * ``interp:a=α`` [0.5]: the plain run's weights moved back toward the base, ``θ_base + α (θ_plain − θ_base)``
-  (:func:`atax_kernels.interpolate_`); no training of its own (it needs ``plain`` in the same run).
+  (:func:`atax_kernels.interpolate_`); no training of its own (it needs ``plain`` in the same run, and exactly
+  one ``plain``: it is made from that run's weights).
+
+Every training kind also takes ``la=0|1`` [0]: with ``la=1`` the safety data also holds the *train* split of the
+benign look-alikes ("How do I kill a Python process?") answered with the base model's own answer (SFT rows; for
+DPO chosen = that answer, rejected = a refusal), mixed into the safety batches. It teaches where the refusal
+boundary is, the lever aimed at over-refusal; the held-out look-alikes are other groups, never trained on.
 """
 from __future__ import annotations
 
@@ -31,17 +37,18 @@ KINDS = ("plain", "ptx", "kl", "grad", "act", "act+ptx", "interp")
 FAMILY = {"plain": "plain", "interp": "plain", "ptx": "ptx", "kl": "kl", "grad": "grad", "act": "act",
           "act+ptx": "act+ptx"}
 _KEYS = {
-    "plain": {},
-    "ptx": {"w": 1.0},
-    "kl": {"w": 0.5},
-    "grad": {"mode": "orthogonal"},
-    "act": {"e": 0.9, "c": 0.0, "pos": "all", "mods": "all"},
-    "act+ptx": {"e": 0.9, "w": 1.0, "c": 0.0, "pos": "all", "mods": "all"},
+    "plain": {"la": "0"},
+    "ptx": {"w": 1.0, "la": "0"},
+    "kl": {"w": 0.5, "la": "0"},
+    "grad": {"mode": "orthogonal", "la": "0"},
+    "act": {"e": 0.9, "c": 0.0, "pos": "all", "mods": "all", "la": "0"},
+    "act+ptx": {"e": 0.9, "w": 1.0, "c": 0.0, "pos": "all", "mods": "all", "la": "0"},
     "interp": {"a": 0.5},
 }
-_CHOICES = {"mode": ("orthogonal", "conflict"), "pos": ("all", "answer", "prompt"), "mods": ("all", "attn", "mlp")}
+_CHOICES = {"mode": ("orthogonal", "conflict"), "pos": ("all", "answer", "prompt"), "mods": ("all", "attn", "mlp"),
+            "la": ("0", "1")}
 #: Keys added after rows were committed, left out of ``spec`` at their default so those rows still resume.
-_QUIET_DEFAULTS = {"mods": "all"}
+_QUIET_DEFAULTS = {"mods": "all", "la": "0"}
 
 #: The quick tier (``make demo``, <= 15 min on 2 cores): plain and its free interpolation, PTX, activation projection
 #: alone and with PTX. Gradient projection (grad) is in the full tier: on SmolLM2 it removed ~3 % and ended like
@@ -65,7 +72,16 @@ class Method:
 
     @property
     def name(self) -> str:
-        """A short label: ``plain``, ``ptx 1``, ``act e0.9``, ``act e0.9 c0.5 + ptx 1``, ``interp 0.5``."""
+        """A short label: ``plain``, ``ptx 1``, ``act e0.9``, ``act e0.9 c0.5 + ptx 1``, ``interp 0.5``,
+        ``act e0.9 + look-alikes``."""
+        return self._base_name() + (" + look-alikes" if self.answers_lookalikes else "")
+
+    @property
+    def answers_lookalikes(self) -> bool:
+        """``la=1``: the safety data also teaches the base's answers to the train look-alikes."""
+        return dict(self.params).get("la", "0") == "1"
+
+    def _base_name(self) -> str:
         p = dict(self.params)
         if self.kind == "plain":
             return "plain"
@@ -144,6 +160,9 @@ def parse_methods(text: str) -> list[Method]:
         raise ValueError(f"method(s) given twice: {', '.join(dup)}")
     if any(m.kind == "interp" for m in methods) and not any(m.kind == "plain" for m in methods):
         methods.insert(0, parse_method("plain"))
+    if any(m.kind == "interp" for m in methods) and sum(m.kind == "plain" for m in methods) > 1:
+        raise ValueError("interp is made from the plain run's weights, and more than one plain run is given "
+                         f"({', '.join(m.name for m in methods if m.kind == 'plain')}): give one plain with interp")
     # plain first, its interpolations right after: they are made from its weights (then freed)
     methods.sort(key=lambda m: {"plain": 0, "interp": 1}.get(m.kind, 2))
     return methods

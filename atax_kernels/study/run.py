@@ -163,6 +163,7 @@ def run_study(cfg: StudyConfig, on_progress: Callable[[dict[str, Any]], None] | 
                     for i, e in enumerate(harm_train)]
         d = dict(eval_sets=eval_sets, train_sets=train_sets, benign_tf=benign_tf,
                  retain=encode_all(tok, retain_pairs, cfg), harm_train=harm_train, refusals=refusals,
+                 lookalike_train=sp["lookalike"][0],
                  chosen=encode_all(tok, [(e.prompt, r) for e, r in zip(harm_train, refusals)], cfg), safety={})
         # the base row, from the cached generations (no generation of its own)
         if rank == 0:
@@ -176,17 +177,31 @@ def run_study(cfg: StudyConfig, on_progress: Callable[[dict[str, Any]], None] | 
         per_seed[seed] = d
         return d
 
-    def safety_for(d: dict[str, Any], objective: str, use_trl: bool) -> Any:
-        if objective not in d["safety"]:
-            safety = SafetySet(chosen=d["chosen"])
-            if objective == "dpo" and not use_trl:
-                safety.rejected = encode_all(tok, [(e.prompt, base_gens[e.prompt]) for e in d["harm_train"]], cfg)
-                safety.ref_chosen = reference_logps(model, d["chosen"], cfg.batch_size, tok.pad_token_id,
+    def preference_triples(d: dict[str, Any], answer_lookalikes: bool) -> list[tuple[str, str, str]]:
+        """(prompt, chosen, rejected): harmful train -> refusal over the base's answer; with look-alikes, each
+        train look-alike -> the base's answer over a refusal."""
+        triples = [(e.prompt, r, base_gens[e.prompt]) for e, r in zip(d["harm_train"], d["refusals"])]
+        if answer_lookalikes:
+            triples += [(e.prompt, base_gens[e.prompt], DEFAULT_REFUSALS[i % len(DEFAULT_REFUSALS)])
+                        for i, e in enumerate(d["lookalike_train"])]
+        return triples
+
+    def safety_for(d: dict[str, Any], objective: str, answer_lookalikes: bool) -> Any:
+        key = (objective, answer_lookalikes)
+        if key not in d["safety"]:
+            if objective == "sft":
+                extra = [(e.prompt, base_gens[e.prompt]) for e in d["lookalike_train"]] if answer_lookalikes else []
+                safety = SafetySet(chosen=d["chosen"] + encode_all(tok, extra, cfg))
+            else:
+                triples = preference_triples(d, answer_lookalikes)
+                safety = SafetySet(chosen=encode_all(tok, [(p, c) for p, c, _ in triples], cfg),
+                                   rejected=encode_all(tok, [(p, r) for p, _, r in triples], cfg))
+                safety.ref_chosen = reference_logps(model, safety.chosen, cfg.batch_size, tok.pad_token_id,
                                                     device).cpu()
                 safety.ref_rejected = reference_logps(model, safety.rejected, cfg.batch_size, tok.pad_token_id,
                                                       device).cpu()
-            d["safety"][objective] = safety
-        return d["safety"][objective]
+            d["safety"][key] = safety
+        return d["safety"][key]
 
     outer = progress_bar(total=n_runs * cfg.steps, desc="study", unit="step", enable=show)
     for seed in cfg.seeds:
@@ -247,7 +262,7 @@ def run_study(cfg: StudyConfig, on_progress: Callable[[dict[str, Any]], None] | 
                         runs_done += 1
                         outer.update(cfg.steps)
                         continue
-                    safety = safety_for(d, objective, use_trl)
+                    safety = None if use_trl else safety_for(d, objective, m.answers_lookalikes)
                     torch.manual_seed(seed)
                     tuned = copy.deepcopy(model)
                     if cfg.lora_r:
@@ -266,7 +281,7 @@ def run_study(cfg: StudyConfig, on_progress: Callable[[dict[str, Any]], None] | 
                                        **train_settings(cfg))
                     outer.set_description(f"study: {objective} lr {lr:g} seed {seed} {m.name}")
                     if use_trl:
-                        prefs = [(e.prompt, r, base_gens[e.prompt]) for e, r in zip(d["harm_train"], d["refusals"])]
+                        prefs = preference_triples(d, m.answers_lookalikes)
                         tr = train_trl(tuned, model, m, prefs, d["retain"], tcfg, tok=tok, max_length=cfg.max_length,
                                        progress=outer)
                     else:
@@ -282,7 +297,10 @@ def run_study(cfg: StudyConfig, on_progress: Callable[[dict[str, Any]], None] | 
                                    loss_first=tr.loss_first, loss_last=tr.loss_last,
                                    removed_fraction=tr.removed_fraction, basis_mib=tr.basis_mib,
                                    rank_mean=tr.rank_mean, refreshes=tr.refreshes,
-                                   refresh_checks=tr.refresh_checks, notes=tr.notes,
+                                   refresh_checks=tr.refresh_checks, notes=tr.notes + (
+                                       [f"safety data: {len(d['harm_train'])} harmful train prompts refused + "
+                                        f"{len(d['lookalike_train'])} train look-alikes answered as the base does"]
+                                       if m.answers_lookalikes else []),
                                    samples=_samples(eval_sets, gens, cfg.samples))
                         record(row)
                     _barrier(world)
