@@ -141,7 +141,7 @@ def test_schedule_position_is_saved_and_resumed():
 
     fixed = ProjectedOptimizer(torch.optim.SGD(model.parameters(), lr=1e-6), activation_subspace=sub,
                                reference_fn=lambda: model(x), refresh_every=2)
-    with pytest.warns(UserWarning, match="refresh_every: checkpoint"):
+    with pytest.warns(UserWarning, match=r"saved with refresh_every=RefreshSchedule\(every=2.*keeping refresh_every=2"):
         fixed.load_state_dict(state)
 
 
@@ -166,6 +166,35 @@ def test_optimizer_refuses_a_schedule_it_cannot_run():
                                           activation_subspace=contrasted, reference_fn=lambda: contrasted.model(x),
                                           refresh_every=RefreshSchedule(2, tol=None))
     assert contrasted_fixed.refresh_every.adaptive is False
+
+
+def test_schedule_state_is_bounded_validated_and_reset():
+    """history keeps the last HISTORY checks; a malformed saved state raises and changes nothing (the schedule,
+    the optimizer); a plain inner-optimizer state dict restarts the step count and the schedule with it."""
+    schedule = RefreshSchedule(every=1, tol=0.02, max_every=1)
+    for step in range(1, RefreshSchedule.HISTORY + 10):
+        schedule.record(step, moved=False)
+    assert len(schedule.history) == RefreshSchedule.HISTORY and schedule.history[-1][0] == RefreshSchedule.HISTORY + 9
+    before = schedule.state_dict()
+    with pytest.raises(ValueError, match="malformed"):
+        schedule.load_state_dict(dict(before, next_step="soon"))
+    assert schedule.state_dict() == before
+
+    x = inputs_in(1)
+    model = mlp()
+    sub = built_subspace(model, x)
+    opt = ProjectedOptimizer(torch.optim.SGD(model.parameters(), lr=1e-6), activation_subspace=sub,
+                             reference_fn=lambda: model(x), refresh_every=RefreshSchedule(every=2, tol=0.02))
+    run_optimizer(opt, model, range(3))
+    state = opt.state_dict()
+    bad = {"optimizer": state["optimizer"], "atax": dict(state["atax"], steps=0, settings=dict(
+        state["atax"]["settings"], refresh_every=dict(state["atax"]["settings"]["refresh_every"], interval=None)))}
+    position = opt.refresh_every.state_dict()
+    with pytest.raises(ValueError, match="malformed"):
+        opt.load_state_dict(bad)
+    assert opt._steps == 3 and opt.refresh_every.state_dict() == position
+    opt.load_state_dict(torch.optim.SGD(model.parameters(), lr=1e-6).state_dict())
+    assert opt._steps == 0 and opt.refresh_every.next_step == 2 and opt.refresh_every.history == []
 
 
 # -- the trainer path ---------------------------------------------------------------------------------------
@@ -232,6 +261,14 @@ def test_attach_checks_on_the_schedule_and_saves_it(tok, tmp_path, monkeypatch):
     attach(trainer2, reference=sub2, refresh_every=resumed)
     trainer2.train(resume_from_checkpoint=str(tmp_path / "out" / "checkpoint-5"))
     assert resumed.history == [(2, False), (6, False)] and seen2 == [0.5]   # only the check at 6 ran here
+
+    model3 = make_model(tok)
+    sub3 = ActivationSubspace.from_loader(model3, cap, energy=0.9)
+    trainer3 = Trainer(model=model3, args=TrainingArguments(**dict(kw, max_steps=6, save_strategy="no")),
+                       train_dataset=lm_dataset(tok))
+    attach(trainer3, reference=sub3, refresh_every=2)
+    with pytest.warns(UserWarning, match="RefreshSchedule.every=2"):
+        trainer3.train(resume_from_checkpoint=str(tmp_path / "out" / "checkpoint-5"))
 
 
 def test_attach_refuses_a_schedule_it_cannot_run(tok, tmp_path):

@@ -353,17 +353,20 @@ def test_bad_refresh_tol(tiny, tmp_path, capsys):
              "--refresh-tol")
 
 
-def test_refresh_tol_with_trl_dpo(tiny, tmp_path, capsys):
-    """An explicit --refresh-tol cannot apply to TRL's fixed-interval attach(): refused; the tier default yields."""
+def test_refresh_tol_with_trl_dpo(tiny, tmp_path):
+    """Under --dpo-impl trl the drift-checked refresh reaches attach() as a RefreshSchedule: at a tiny learning
+    rate its checks keep the bases (refresh_checks counted, refreshes 0), as in the study's own loop."""
     pytest.importorskip("trl")
-    _refused(args(tiny, tmp_path / "o", tmp_path / "cache", "--methods", "act:e=0.9", "--objective", "dpo",
-                  "--dpo-impl", "trl", "--refresh-tol", "0.02"), capsys, tmp_path, "--refresh-tol")
     from atax_kernels.study.__main__ import build_parser, config_from_args
 
-    argv = ["--dpo-impl", "trl", "--objective", "dpo"]
-    assert config_from_args(build_parser().parse_args(argv), argv).refresh_tol == 0.0
-    assert config_from_args(build_parser().parse_args([]), []).refresh_tol == 0.02
+    for argv in (["--dpo-impl", "trl", "--objective", "dpo"], []):
+        assert config_from_args(build_parser().parse_args(argv), argv).refresh_tol == 0.02
     assert config_from_args(build_parser().parse_args(["--full"]), ["--full"]).refresh_tol == 0.0
+    out = tmp_path / "o"
+    assert run_main(args(tiny, out, tmp_path / "cache", "--methods", "act:e=0.9", "--objective", "dpo",
+                         "--dpo-impl", "trl", "--steps", "4", "--lr", "1e-7", "--refresh-tol", "0.5")) == 0
+    row = {r["method"]: r for r in json.loads((out / "s.json").read_text())["rows"]}["act e0.9"]
+    assert (row["refreshes"], row["refresh_checks"]) == (0, 2)   # steps 1 and 3 (--refresh-every 1): kept
 
 
 def test_act_modules_selector(tiny, tmp_path):

@@ -11,6 +11,8 @@ from __future__ import annotations
 import warnings
 from typing import Any, Callable
 
+from .._warn import user_stacklevel
+
 __all__ = ["RefreshSchedule", "refresh_if_due", "check_refresh_every", "check_schedule_for",
            "refresh_every_state", "load_refresh_every_state"]
 
@@ -36,8 +38,15 @@ class RefreshSchedule:
             ``every`` steps (the fixed schedule).
         max_every: the longest interval (default: ``16 * every``).
 
-    ``checks`` and ``refreshes`` count what happened; ``history`` holds ``(step, moved)`` per check.
+    ``checks`` and ``refreshes`` count what happened; ``history`` holds ``(step, moved)`` of the last
+    ``HISTORY`` checks.
+
+    A schedule is stateful: ``ProjectedOptimizer`` and ``attach`` advance the object they are given (and save
+    and restore its position with their checkpoints), so give each training run its own.
     """
+
+    #: how many of the latest checks ``history`` keeps
+    HISTORY = 64
 
     def __init__(self, every: int = 10, tol: float | None = 0.02, max_every: int | None = None) -> None:
         if isinstance(every, bool) or not isinstance(every, int) or every < 1:
@@ -70,11 +79,16 @@ class RefreshSchedule:
         self.checks += 1
         self.refreshes += int(bool(moved))
         self.history.append((int(step), bool(moved)))
+        del self.history[:-self.HISTORY]  # checkpoints carry it: bounded however long the run
         if moved or not self.adaptive:
             self.interval = self.every
         else:
             self.interval = min(2 * self.interval, self.max_every)
         self.next_step = step + self.interval
+
+    def reset(self) -> None:
+        """Back to the start (first check at step ``every``, no history), keeping the settings."""
+        self.__dict__.update(RefreshSchedule(self.every, self.tol, self.max_every).__dict__)
 
     def state_dict(self) -> dict[str, Any]:
         """Settings and position (for a resumed run)."""
@@ -83,15 +97,18 @@ class RefreshSchedule:
                 "history": list(self.history)}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore :meth:`state_dict` (settings included)."""
+        """Restore :meth:`state_dict` (settings included). Everything is validated before anything changes."""
         missing = [k for k in ("every", "tol", "max_every", "interval", "next_step") if k not in state]
         if missing:
             raise ValueError(f"RefreshSchedule state is missing {missing}")
         fresh = RefreshSchedule(state["every"], state["tol"], state["max_every"])  # validates the settings
+        try:
+            fresh.interval, fresh.next_step = int(state["interval"]), int(state["next_step"])
+            fresh.checks, fresh.refreshes = int(state.get("checks", 0)), int(state.get("refreshes", 0))
+            fresh.history = [(int(s), bool(m)) for s, m in state.get("history", [])][-self.HISTORY:]
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"RefreshSchedule state is malformed: {exc}") from None
         self.__dict__.update(fresh.__dict__)
-        self.interval, self.next_step = int(state["interval"]), int(state["next_step"])
-        self.checks, self.refreshes = int(state.get("checks", 0)), int(state.get("refreshes", 0))
-        self.history = [(int(s), bool(m)) for s, m in state.get("history", [])]
 
     def __eq__(self, other: object) -> bool:
         return isinstance(other, RefreshSchedule) and (self.every, self.tol, self.max_every) == (
@@ -162,9 +179,15 @@ def refresh_every_state(refresh_every: "int | RefreshSchedule") -> Any:
 
 def load_refresh_every_state(refresh_every: "int | RefreshSchedule", saved: Any, where: str) -> None:
     """Restore a schedule's position from what :func:`refresh_every_state` saved. The constructor's settings
-    win: a checkpoint saved with another interval (or an int) leaves the schedule as constructed, with a
-    ``UserWarning``; an int ``refresh_every`` has no position to restore."""
-    if not isinstance(refresh_every, RefreshSchedule) or saved is None:
+    win: a checkpoint saved with another interval (or an int) leaves the schedule as constructed, and an int
+    ``refresh_every`` resumed from a schedule's checkpoint stays an int, each with a ``UserWarning``. Raises
+    ``ValueError`` (nothing changed) on a malformed saved schedule."""
+    if not isinstance(refresh_every, RefreshSchedule):
+        if isinstance(saved, dict):
+            warnings.warn(f"{where}: the checkpoint was saved with refresh_every={_describe(saved)}; keeping "
+                          f"refresh_every={refresh_every!r} as constructed", UserWarning, stacklevel=user_stacklevel())
+        return
+    if saved is None:
         return
     if isinstance(saved, dict):
         try:
@@ -174,6 +197,13 @@ def load_refresh_every_state(refresh_every: "int | RefreshSchedule", saved: Any,
         if saved_settings == refresh_every:
             refresh_every.load_state_dict(saved)
             return
-    warnings.warn(f"{where}: the checkpoint was saved with refresh_every={saved!r}; keeping {refresh_every!r} "
-                  f"as constructed (its position is not resumed: it checks at the first step at or past "
-                  f"{refresh_every.next_step})", UserWarning, stacklevel=3)
+    warnings.warn(f"{where}: the checkpoint was saved with refresh_every={_describe(saved)}; keeping "
+                  f"{refresh_every!r} as constructed (its position is not resumed: it checks at the first step at "
+                  f"or past {refresh_every.next_step})", UserWarning, stacklevel=user_stacklevel())
+
+
+def _describe(saved: Any) -> str:
+    """A saved ``refresh_every`` in a message: the int, or the schedule's settings (not its history)."""
+    if isinstance(saved, dict):
+        return f"RefreshSchedule(every={saved.get('every')}, tol={saved.get('tol')}, max_every={saved.get('max_every')})"
+    return repr(saved)

@@ -2,6 +2,7 @@
 buffers, subspace and activation bases."""
 from __future__ import annotations
 
+import copy
 import warnings
 from typing import Any
 
@@ -45,6 +46,8 @@ def load_state_dict(self: Any, state_dict: dict[str, Any]) -> None:
     if "atax" not in state_dict and "state" in state_dict and "param_groups" in state_dict:
         self.optimizer.load_state_dict(state_dict)
         self._steps, self._ema, self._ema_count, self._pending = 0, [], [], []
+        if isinstance(self.refresh_every, RefreshSchedule):
+            self.refresh_every.reset()  # the step count starts again, so does the schedule
         return
     if "optimizer" not in state_dict or "atax" not in state_dict:
         raise ValueError("state_dict was not produced by ProjectedOptimizer.state_dict() (expected keys "
@@ -59,14 +62,20 @@ def load_state_dict(self: Any, state_dict: dict[str, Any]) -> None:
               for key, value in atax["settings"].items()
               if hasattr(self, key) and key != "refresh_every" and getattr(self, key) != value]
     saved_every = atax["settings"].get("refresh_every")
-    if not isinstance(self.refresh_every, RefreshSchedule) and saved_every != self.refresh_every:
+    if not isinstance(self.refresh_every, RefreshSchedule) and not isinstance(saved_every, dict) \
+            and saved_every != self.refresh_every:
         differ.append(f"refresh_every: checkpoint {saved_every!r}, this optimizer {self.refresh_every!r}")
+    # the schedule's saved position, loaded into a copy first: a malformed one raises before anything changed
+    schedule = copy.deepcopy(self.refresh_every) if isinstance(self.refresh_every, RefreshSchedule) else None
+    load_refresh_every_state(schedule if schedule is not None else self.refresh_every, saved_every,
+                             "ProjectedOptimizer.load_state_dict")
     self.optimizer.load_state_dict(state_dict["optimizer"])
     if differ:
         warnings.warn("ProjectedOptimizer.load_state_dict: the checkpoint was saved with other settings; "
                       "keeping the constructor's (" + "; ".join(differ) + ")", UserWarning, stacklevel=3)
     self._steps = int(atax["steps"])
-    load_refresh_every_state(self.refresh_every, saved_every, "ProjectedOptimizer.load_state_dict")
+    if schedule is not None:
+        self.refresh_every.__dict__.update(schedule.__dict__)
     self._ema = [[None if t is None else t.to(p.device, self.reference_dtype or t.dtype) for t, p in zip(slot, params)]
                  for slot in atax["ema"]]
     self._ema_count = list(atax["ema_count"])

@@ -68,7 +68,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--lr", dest="lrs", help="comma-separated learning rates")
     g.add_argument("--seeds", help="comma-separated seeds (split seed = fine-tuning seed)")
     g.add_argument("--methods", help="comma-separated method specs, e.g. plain,ptx:w=1,kl:w=0.5,grad,act:e=0.9,"
-                   "act+ptx:e=0.9:w=1,interp:a=0.5 (see atax_kernels/study/methods.py)")
+                   "act+ptx:e=0.9:w=1,interp:a=0.5; la=1 on a training method also teaches the base's answers to the "
+                   "train look-alikes, e.g. act:e=0.9:la=1 (see atax_kernels/study/methods.py)")
     g = ap.add_argument_group("training")
     g.add_argument("--steps", type=int)
     g.add_argument("--batch-size", type=int, default=8)
@@ -113,10 +114,10 @@ def _floats(text: str, what: str) -> tuple[float, ...]:
 
 
 def _refresh_tol(args: argparse.Namespace, tier: dict) -> float:
-    """--refresh-tol, else the tier's; 0 under --dpo-impl trl, whose attach() refreshes at a fixed interval."""
+    """--refresh-tol, else the tier's (under --dpo-impl trl it reaches attach() as a RefreshSchedule)."""
     if args.refresh_tol is not None:
         return args.refresh_tol
-    return 0.0 if args.dpo_impl == "trl" else tier["refresh_tol"]
+    return tier["refresh_tol"]
 
 
 def config_from_args(args: argparse.Namespace, argv: list[str]):

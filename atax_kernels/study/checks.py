@@ -119,9 +119,6 @@ def check_methods(cfg: StudyConfig) -> list[Method]:
         bad = [m.name for m in methods if m.kind not in TRL_METHODS + ("interp",)]
         if bad:
             raise StudyError(f"--dpo-impl trl runs {', '.join(TRL_METHODS)} (and interp) only; not {', '.join(bad)}")
-        if cfg.refresh_tol > 0 and any(m.kind == "act" for m in methods):
-            raise StudyError("--refresh-tol is the study loop's schedule; --dpo-impl trl refreshes through "
-                             "attach(refresh_every=N) at a fixed interval: drop one of them")
         try:
             import trl  # noqa: F401
         except ImportError:

@@ -19,12 +19,13 @@ Grammar: ``KIND[:key=value]...``; kinds and their keys (defaults in brackets):
   (``ProjectedOptimizer(activation_subspace=..., ptx_weight=λ)``).
 * ``interp:a=α`` [0.5]: the plain run's weights moved back toward the base, ``θ_base + α (θ_plain − θ_base)``
   (:func:`atax_kernels.interpolate_`); no training of its own (it needs ``plain`` in the same run, and exactly
-  one ``plain``: it is made from that run's weights).
+  one ``plain``, without ``la=1``: it is made from that run's weights).
 
 Every training kind also takes ``la=0|1`` [0]: with ``la=1`` the safety data also holds the *train* split of the
 benign look-alikes ("How do I kill a Python process?") answered with the base model's own answer (SFT rows; for
-DPO chosen = that answer, rejected = a refusal), mixed into the safety batches. It teaches where the refusal
-boundary is, the lever aimed at over-refusal; the held-out look-alikes are other groups, never trained on.
+DPO chosen = that answer, rejected = a refusal), mixed into the safety batches; look-alikes the base itself
+refuses are left out. It teaches where the refusal boundary is, the lever aimed at over-refusal; the held-out
+look-alikes are other groups, never trained on. Not with contrast ``c > 0`` (the safety side would include them).
 """
 from __future__ import annotations
 
@@ -146,6 +147,9 @@ def parse_method(text: str) -> Method:
         if kind in ("ptx", "kl", "act+ptx") and key == "w" and not v > 0.0:
             raise ValueError(f"method {text!r}: the weight w must be > 0")
         params[key] = v
+    if params.get("la") == "1" and params.get("c"):
+        raise ValueError(f"method {text!r}: la=1 with contrast c > 0 would observe the answered look-alikes as the "
+                         f"safety side and subtract benign directions from the protected span; use one of them")
     return Method(kind, tuple(params.items()))
 
 
@@ -160,9 +164,14 @@ def parse_methods(text: str) -> list[Method]:
         raise ValueError(f"method(s) given twice: {', '.join(dup)}")
     if any(m.kind == "interp" for m in methods) and not any(m.kind == "plain" for m in methods):
         methods.insert(0, parse_method("plain"))
-    if any(m.kind == "interp" for m in methods) and sum(m.kind == "plain" for m in methods) > 1:
-        raise ValueError("interp is made from the plain run's weights, and more than one plain run is given "
-                         f"({', '.join(m.name for m in methods if m.kind == 'plain')}): give one plain with interp")
+    if any(m.kind == "interp" for m in methods):
+        plains = [m for m in methods if m.kind == "plain"]
+        if len(plains) > 1:
+            raise ValueError("interp is made from the plain run's weights, and more than one plain run is given "
+                             f"({', '.join(m.name for m in plains)}): give one plain with interp")
+        if plains[0].answers_lookalikes:
+            raise ValueError("interp is made from the plain run's weights and its rows are labelled as made from "
+                             "plain: give interp with plain (la=0), not with plain:la=1")
     # plain first, its interpolations right after: they are made from its weights (then freed)
     methods.sort(key=lambda m: {"plain": 0, "interp": 1}.get(m.kind, 2))
     return methods

@@ -16,6 +16,8 @@ from collections import OrderedDict
 from pathlib import Path
 from typing import Any
 
+from .methods import parse_method
+
 __all__ = ["header", "aggregate", "render_markdown", "write_json", "write_markdown", "plot", "NUMERIC"]
 
 #: Numeric row fields averaged over seeds.
@@ -298,8 +300,10 @@ def plot(result: dict[str, Any], path: str | os.PathLike) -> None:
             if len(dial) > 1:
                 ax.plot([a["safety"] for a in dial], [a[ykey] for a in dial], "--", color=COLOURS["plain"], lw=1,
                         alpha=0.5, label="plain: interpolation dial (base → plain)")
-            ptx = sorted((a for a in rows if a["kind"] == "ptx" and _finite(a.get(ykey))),
-                         key=lambda a: float(a["spec"].split("w=")[-1]))
+            # the λ dial: PTX rows that differ only in λ (the plain safety data, la=0)
+            ptx_rows = [(parse_method(a["spec"]), a) for a in rows if a["kind"] == "ptx" and _finite(a.get(ykey))]
+            ptx = [a for m, a in sorted(((m, a) for m, a in ptx_rows if not m.answers_lookalikes),
+                                        key=lambda ma: float(ma[0].get("w")))]
             if len(ptx) > 1:
                 ax.plot([a["safety"] for a in ptx], [a[ykey] for a in ptx], "--", color=COLOURS["ptx"], lw=1,
                         alpha=0.5, label="PTX: λ dial")

@@ -18,6 +18,7 @@ from typing import Any, Callable
 
 import torch
 
+from . import judge as J
 from .config import StudyConfig, train_settings
 from .methods import Method
 from .prepare import encode_all, generate, prepare, progress_bar, subset, write_generation_cache
@@ -60,7 +61,6 @@ def _score(model, tok, eval_sets: dict[str, list], train_sets: dict[str, list], 
            gens: dict[str, list[str]] | None, progress: bool) -> tuple[dict[str, Any], dict[str, list[str]]]:
     """The held-out (and train-split) scores of one model from its generations (made here when ``gens`` is
     None) plus the teacher-forced drift on the benign answers; returns ``(row, gens)``."""
-    from . import judge as J
     from .scores import score_generations, teacher_forced
     from .train import batches
 
@@ -84,7 +84,6 @@ def _score(model, tok, eval_sets: dict[str, list], train_sets: dict[str, list], 
 
 def _samples(eval_sets: dict[str, list], gens: dict[str, list[str]], n: int) -> list[dict[str, Any]]:
     """Up to ``n`` sampled generations per part (half as many capability ones) for the report."""
-    from . import judge as J
 
     out = []
     for k in ("harmful", "lookalike", "benign", "capability"):
@@ -163,7 +162,9 @@ def run_study(cfg: StudyConfig, on_progress: Callable[[dict[str, Any]], None] | 
                     for i, e in enumerate(harm_train)]
         d = dict(eval_sets=eval_sets, train_sets=train_sets, benign_tf=benign_tf,
                  retain=encode_all(tok, retain_pairs, cfg), harm_train=harm_train, refusals=refusals,
-                 lookalike_train=sp["lookalike"][0],
+                 # look-alikes the base itself refuses would teach refusing benign prompts: left out
+                 lookalike_train=[e for e in sp["lookalike"][0] if not J.is_refusal(base_gens[e.prompt])],
+                 lookalike_refused_by_base=sum(J.is_refusal(base_gens[e.prompt]) for e in sp["lookalike"][0]),
                  chosen=encode_all(tok, [(e.prompt, r) for e, r in zip(harm_train, refusals)], cfg), safety={})
         # the base row, from the cached generations (no generation of its own)
         if rank == 0:
@@ -299,7 +300,8 @@ def run_study(cfg: StudyConfig, on_progress: Callable[[dict[str, Any]], None] | 
                                    rank_mean=tr.rank_mean, refreshes=tr.refreshes,
                                    refresh_checks=tr.refresh_checks, notes=tr.notes + (
                                        [f"safety data: {len(d['harm_train'])} harmful train prompts refused + "
-                                        f"{len(d['lookalike_train'])} train look-alikes answered as the base does"]
+                                        f"{len(d['lookalike_train'])} train look-alikes answered as the base does "
+                                        f"({d['lookalike_refused_by_base']} the base refuses left out)"]
                                        if m.answers_lookalikes else []),
                                    samples=_samples(eval_sets, gens, cfg.samples))
                         record(row)

@@ -1,7 +1,8 @@
 """Safety fine-tuning of one model copy with one mitigation (see :mod:`atax_kernels.study.methods`).
 
 Every run draws only from train splits: safety batches from ``harmful`` train (prompt -> refusal for SFT;
-chosen = refusal, rejected = the base model's own answer for DPO), retain batches (PTX, KL, gradient
+chosen = refusal, rejected = the base model's own answer for DPO; with a method's ``la=1`` also the ``lookalike``
+train prompts the base answers, with that answer, for DPO preferred over a refusal), retain batches (PTX, KL, gradient
 references, activation bases) from capability + benign train with the base model's own answers.
 
 Objectives:
@@ -378,7 +379,7 @@ def train_trl(model: torch.nn.Module, base: torch.nn.Module, method: Method, pre
     from transformers import TrainerCallback
     from trl import DPOConfig, DPOTrainer
 
-    from ..activation import ActivationSubspace
+    from ..activation import ActivationSubspace, RefreshSchedule
     from ..integrations.hf import attach
 
     if method.kind not in TRL_METHODS:
@@ -420,7 +421,7 @@ def train_trl(model: torch.nn.Module, base: torch.nn.Module, method: Method, pre
         ref_model = copy.deepcopy(base)
         trainer = DPOTrainer(model=model, ref_model=ref_model, args=args, train_dataset=ds, processing_class=tok,
                              callbacks=[_Clock()])
-        sub = None
+        sub = schedule = None
         if method.kind == "grad":
             handle = attach(trainer, reference=ref_batches, mode=str(p["mode"]), backend=cfg.backend)
         elif method.kind == "act":
@@ -428,7 +429,10 @@ def train_trl(model: torch.nn.Module, base: torch.nn.Module, method: Method, pre
             sub = ActivationSubspace.from_loader(model, ref_batches[:cfg.basis_batches], energy=float(p["e"]),
                                                  contrast=float(p["c"]), positions=str(p["pos"]))
             setup = time.perf_counter() - t0
-            handle = attach(trainer, reference=sub, refresh_every=cfg.refresh_every, backend=cfg.backend)
+            # the study loop's schedule, through attach as a user would give it (a contrast basis: fixed)
+            schedule = RefreshSchedule(cfg.refresh_every,
+                                       cfg.refresh_tol if cfg.refresh_tol > 0 and not float(p["c"]) else None)
+            handle = attach(trainer, reference=sub, refresh_every=schedule, backend=cfg.backend)
         else:
             handle = None
         t0 = time.perf_counter()
@@ -444,12 +448,15 @@ def train_trl(model: torch.nn.Module, base: torch.nn.Module, method: Method, pre
             handle.detach()
     timed = times[1:] if len(times) > 1 else times
     n_ref = min(cfg.basis_batches, len(ref_batches))
-    xf, xb = {"plain": (0.0, 0.0), "grad": (1.0, 1.0), "act": (n_ref / cfg.refresh_every, 0.0)}[method.kind]
+    act_forwards = (n_ref * schedule.checks / max(1, cfg.steps) if schedule is not None and schedule.adaptive
+                    else n_ref / cfg.refresh_every)
+    xf, xb = {"plain": (0.0, 0.0), "grad": (1.0, 1.0), "act": (act_forwards, 0.0)}[method.kind]
     res = TrainResult(steps=cfg.steps, seconds=seconds, seconds_per_step=sum(timed) / max(1, len(timed)),
                       refresh_seconds_per_step=0.0, setup_seconds=setup, extra_forward=xf, extra_backward=xb,
                       loss_first=losses[0] if losses else float("nan"),
                       loss_last=losses[-1] if losses else float("nan"), removed_fraction=removed,
-                      refreshes=None, refresh_checks=None,
+                      refreshes=None if schedule is None else schedule.refreshes,
+                      refresh_checks=None if schedule is None else schedule.checks,
                       notes=["trl DPOTrainer (reference forward every step, inside s/step); activation refreshes "
                              "inside s/step"])
     if sub is not None:

@@ -65,7 +65,8 @@ def attach(
             tol=0.02)``; needs a subspace built by ``from_loader``): each check re-observes the loader and
             rebuilds only if the bases no longer hold ``energy - tol`` of it, and the interval doubles while
             they are kept (measured on SmolLM2-135M: 0 rebuilds in 30 SFT steps, refresh cost 0.90 -> 0.25 s per
-            step, bench/results/activation-refresh-smollm2.md). Its position is saved in checkpoints.
+            step, bench/results/activation-refresh-smollm2.md). Its position is saved in checkpoints. Step 0
+            refreshes only when there are no bases yet (or with ``contrast`` > 0), for an int and a schedule.
         reference_dtype: EMA buffer dtype (``torch.bfloat16`` halves its memory); default the gradient's.
         log_tax_rate: also log ``atax/tax_rate``: the :func:`atax_kernels.tax.tax_rate` of this step's safety
             gradient against the reference span (one sample each, so it is the fraction of ``|g|^2`` inside

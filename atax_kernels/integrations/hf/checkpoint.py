@@ -3,6 +3,7 @@ the EMA buffers, the Subspace basis, the ActivationSubspace bases and moments, t
 and a live reference reused until its next refresh. One file per rank in each ``checkpoint-<step>`` folder."""
 from __future__ import annotations
 
+import copy
 import os
 import warnings
 from collections.abc import Mapping
@@ -11,7 +12,7 @@ from typing import Any
 import torch
 
 from ...activation import ActivationSubspace
-from ...activation.schedule import load_refresh_every_state, refresh_every_state
+from ...activation.schedule import RefreshSchedule, load_refresh_every_state, refresh_every_state
 from ...references.subspace import Subspace
 from .ema import EMA, source_of
 from .sources import CapabilitySource
@@ -56,6 +57,13 @@ class CheckpointState:
         if kind != type(self.reference).__name__:
             raise ValueError(f"atax checkpoint holds a {kind} reference state but this handle's reference is a "
                              f"{type(self.reference).__name__}")
+        saved_every = state.get("settings", {}).get("refresh_every")
+        if isinstance(self.refresh_every, RefreshSchedule) and isinstance(saved_every, dict):
+            # a malformed saved schedule is refused here, before the resumed run starts, not at its first step
+            # (a mismatch only warns: once, when the state is applied)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                load_refresh_every_state(copy.deepcopy(self.refresh_every), saved_every, "atax checkpoint resume")
         self._resume_state = dict(state)
 
     def _apply_resume_state(self, params: list[torch.Tensor]) -> None:
