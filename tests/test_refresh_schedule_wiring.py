@@ -114,13 +114,19 @@ def test_schedule_builds_missing_bases_at_step_zero():
     assert sub.updates == 1 and schedule.history == [] and schedule.next_step == 3
 
 
-def test_schedule_position_is_saved_and_resumed():
+def three_steps_with_a_schedule():
+    """An optimizer with RefreshSchedule(every=2, tol=0.02) after 3 steps at a tiny rate (one check, kept)."""
     x = inputs_in(1)
     model = mlp()
     sub = built_subspace(model, x)
     opt = ProjectedOptimizer(torch.optim.SGD(model.parameters(), lr=1e-6), activation_subspace=sub,
                              reference_fn=lambda: model(x), refresh_every=RefreshSchedule(every=2, tol=0.02))
     run_optimizer(opt, model, range(3))
+    return x, model, sub, opt
+
+
+def test_schedule_position_is_saved_and_resumed():
+    x, model, sub, opt = three_steps_with_a_schedule()
     state = opt.state_dict()
     assert state["atax"]["settings"]["refresh_every"]["next_step"] == 6
 
@@ -180,12 +186,7 @@ def test_schedule_state_is_bounded_validated_and_reset():
         schedule.load_state_dict(dict(before, next_step="soon"))
     assert schedule.state_dict() == before
 
-    x = inputs_in(1)
-    model = mlp()
-    sub = built_subspace(model, x)
-    opt = ProjectedOptimizer(torch.optim.SGD(model.parameters(), lr=1e-6), activation_subspace=sub,
-                             reference_fn=lambda: model(x), refresh_every=RefreshSchedule(every=2, tol=0.02))
-    run_optimizer(opt, model, range(3))
+    x, model, sub, opt = three_steps_with_a_schedule()
     state = opt.state_dict()
     bad = {"optimizer": state["optimizer"], "atax": dict(state["atax"], steps=0, settings=dict(
         state["atax"]["settings"], refresh_every=dict(state["atax"]["settings"]["refresh_every"], interval=None)))}

@@ -294,10 +294,13 @@ def plot(result: dict[str, Any], path: str | os.PathLike) -> None:
                     label += f" (over-refusal {a['over_refusal']:.2f})"
                 ax.errorbar(a["safety"], a[ykey], xerr=err(a, "safety"), yerr=err(a, ykey), fmt=mk, color=c,
                             ms=11 if a["kind"] == "base" else 8, capsize=2, elinewidth=0.8, alpha=0.85, label=label)
-            dial = [a for a in rows if a["kind"] in ("interp", "plain", "base") and _finite(a.get(ykey))]
+            # the interpolation dial: base, plain's interpolations, plain (the one plain an interp is made from)
+            dial = [a for a in rows if _finite(a.get(ykey)) and (
+                a["kind"] in ("interp", "base")
+                or (a["kind"] == "plain" and not parse_method(a["spec"]).answers_lookalikes))]
             pos = {"base": 0.0, "plain": 1.0}
-            dial.sort(key=lambda a: pos.get(a["kind"], float(a["spec"].split("a=")[-1]) if "a=" in a["spec"] else 0.5))
-            if len(dial) > 1:
+            dial.sort(key=lambda a: pos[a["kind"]] if a["kind"] in pos else float(parse_method(a["spec"]).get("a")))
+            if any(a["kind"] == "interp" for a in dial):
                 ax.plot([a["safety"] for a in dial], [a[ykey] for a in dial], "--", color=COLOURS["plain"], lw=1,
                         alpha=0.5, label="plain: interpolation dial (base → plain)")
             # the λ dial: PTX rows that differ only in λ (the plain safety data, la=0)
