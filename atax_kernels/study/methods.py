@@ -26,6 +26,8 @@ benign look-alikes ("How do I kill a Python process?") answered with the base mo
 DPO chosen = that answer, rejected = a refusal), mixed into the safety batches; look-alikes the base itself
 refuses are left out. It teaches where the refusal boundary is, the lever aimed at over-refusal; the held-out
 look-alikes are other groups, never trained on. Not with contrast ``c > 0`` (the safety side would include them).
+Measured on SmolLM2-135M-Instruct (lr 3e-5): on SFT it lowered over-refusal for every method (act e0.9, 3 seeds:
+0.57 -> 0.36 at 0.98 safety); on DPO the pairs against a refusal erased the safety being learned (README).
 """
 from __future__ import annotations
 
