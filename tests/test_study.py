@@ -353,6 +353,12 @@ def test_bad_refresh_tol(tiny, tmp_path, capsys):
              "--refresh-tol")
 
 
+def test_lookalike_nll_rows_refused_under_trl(tiny, tmp_path, capsys):
+    pytest.importorskip("trl")
+    _refused(args(tiny, tmp_path / "o", tmp_path / "cache", "--methods", "plain:la=nll", "--objective", "dpo",
+                  "--dpo-impl", "trl"), capsys, tmp_path, "la=nll")
+
+
 def test_refresh_tol_with_trl_dpo(tiny, tmp_path):
     """Under --dpo-impl trl the drift-checked refresh reaches attach() as a RefreshSchedule: at a tiny learning
     rate its checks keep the bases (refresh_checks counted, refreshes 0), as in the study's own loop."""
@@ -417,7 +423,7 @@ def test_answered_lookalikes_join_the_safety_data(tiny, tmp_path, monkeypatch):
 
     monkeypatch.setattr(T, "train", recording_train)
     out = tmp_path / "out"
-    assert run_main(args(tiny, out, tmp_path / "cache", "--methods", "plain,plain:la=1,act:e=0.9:la=1",
+    assert run_main(args(tiny, out, tmp_path / "cache", "--methods", "plain,plain:la=1,act:e=0.9:la=1,grad:la=nll",
                          "--objective", "sft,dpo")) == 0
     res = json.loads((out / "s.json").read_text())
     split = res["setup"]["splits"]["0"]
@@ -435,3 +441,13 @@ def test_answered_lookalikes_join_the_safety_data(tiny, tmp_path, monkeypatch):
     assert dpo.ref_chosen.shape == (n_harm + n_look,) and dpo.ref_rejected.shape == (n_harm + n_look,)
     rows = {(r["objective"], r["method"]) for r in res["rows"]}
     assert {("sft", "plain + look-alikes"), ("dpo", "act e0.9 + look-alikes")} <= rows
+    # la=nll: for SFT the la=1 rows themselves; for DPO the look-alikes are NLL rows (rejected = chosen, unused)
+    assert by["sft", "grad + look-alikes (NLL)"][2] is la
+    nll = by["dpo", "grad + look-alikes (NLL)"][2]
+    assert nll.nll_rows.tolist() == [False] * n_harm + [True] * n_look
+    assert nll.chosen[:n_harm] == dpo.chosen[:n_harm] and nll.rejected[:n_harm] == dpo.rejected[:n_harm]
+    assert nll.rejected[n_harm:] == nll.chosen[n_harm:] and nll.chosen[n_harm:] == dpo.chosen[n_harm:]
+    assert dpo.nll_rows is None
+    assert parse_method("act:e=0.9:la=nll").name == "act e0.9 + look-alikes (NLL)"
+    with pytest.raises(ValueError, match="contrast"):
+        parse_method("act:c=0.5:la=nll")

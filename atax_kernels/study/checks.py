@@ -119,6 +119,10 @@ def check_methods(cfg: StudyConfig) -> list[Method]:
         bad = [m.name for m in methods if m.kind not in TRL_METHODS + ("interp",)]
         if bad:
             raise StudyError(f"--dpo-impl trl runs {', '.join(TRL_METHODS)} (and interp) only; not {', '.join(bad)}")
+        nll = [m.name for m in methods if m.lookalikes == "nll"]
+        if nll:
+            raise StudyError(f"--dpo-impl trl: la=nll (look-alike NLL rows beside the DPO loss) needs the study's own "
+                             f"DPO loop; not with trl.DPOTrainer ({', '.join(nll)}): use --dpo-impl own or la=1")
         try:
             import trl  # noqa: F401
         except ImportError:

@@ -26,6 +26,8 @@ benign look-alikes ("How do I kill a Python process?") answered with the base mo
 DPO chosen = that answer, rejected = a refusal), mixed into the safety batches; look-alikes the base itself
 refuses are left out. It teaches where the refusal boundary is, the lever aimed at over-refusal; the held-out
 look-alikes are other groups, never trained on. Not with contrast ``c > 0`` (the safety side would include them).
+``la=nll``: the same answers as NLL rows beside the objective's loss (a look-alike row's loss is the mean token
+NLL of its answer; for SFT that is what ``la=1`` does), so DPO never sees a refusal on the rejected side.
 Measured on SmolLM2-135M-Instruct (lr 3e-5): on SFT it lowered over-refusal for every method (act e0.9, 3 seeds:
 0.57 -> 0.36 at 0.98 safety); on DPO the pairs against a refusal erased the safety being learned (README).
 """
@@ -49,7 +51,7 @@ _KEYS = {
     "interp": {"a": 0.5},
 }
 _CHOICES = {"mode": ("orthogonal", "conflict"), "pos": ("all", "answer", "prompt"), "mods": ("all", "attn", "mlp"),
-            "la": ("0", "1")}
+            "la": ("0", "1", "nll")}
 #: Keys added after rows were committed, left out of ``spec`` at their default so those rows still resume.
 _QUIET_DEFAULTS = {"mods": "all", "la": "0"}
 
@@ -77,12 +79,19 @@ class Method:
     def name(self) -> str:
         """A short label: ``plain``, ``ptx 1``, ``act e0.9``, ``act e0.9 c0.5 + ptx 1``, ``interp 0.5``,
         ``act e0.9 + look-alikes``."""
-        return self._base_name() + (" + look-alikes" if self.answers_lookalikes else "")
+        suffix = {"0": "", "1": " + look-alikes", "nll": " + look-alikes (NLL)"}[self.lookalikes]
+        return self._base_name() + suffix
+
+    @property
+    def lookalikes(self) -> str:
+        """How the train look-alikes join the safety data: ``"0"`` not at all, ``"1"`` as the objective's own
+        rows (SFT rows, DPO pairs against a refusal), ``"nll"`` as answer-NLL rows beside any objective."""
+        return str(dict(self.params).get("la", "0"))
 
     @property
     def answers_lookalikes(self) -> bool:
-        """``la=1``: the safety data also teaches the base's answers to the train look-alikes."""
-        return dict(self.params).get("la", "0") == "1"
+        """``la=1`` or ``la=nll``: the safety data also teaches the base's answers to the train look-alikes."""
+        return self.lookalikes != "0"
 
     def _base_name(self) -> str:
         p = dict(self.params)
@@ -149,8 +158,8 @@ def parse_method(text: str) -> Method:
         if kind in ("ptx", "kl", "act+ptx") and key == "w" and not v > 0.0:
             raise ValueError(f"method {text!r}: the weight w must be > 0")
         params[key] = v
-    if params.get("la") == "1" and params.get("c"):
-        raise ValueError(f"method {text!r}: la=1 with contrast c > 0 would observe the answered look-alikes as the "
+    if params.get("la", "0") != "0" and params.get("c"):
+        raise ValueError(f"method {text!r}: la={params['la']} with contrast c > 0 would observe the answered look-alikes as the "
                          f"safety side and subtract benign directions from the protected span; use one of them")
     return Method(kind, tuple(params.items()))
 
@@ -173,7 +182,7 @@ def parse_methods(text: str) -> list[Method]:
                              f"({', '.join(m.name for m in plains)}): give one plain with interp")
         if plains[0].answers_lookalikes:
             raise ValueError("interp is made from the plain run's weights and its rows are labelled as made from "
-                             "plain: give interp with plain (la=0), not with plain:la=1")
+                             "plain: give interp with plain (la=0), not with plain:la=1 or la=nll")
     # plain first, its interpolations right after: they are made from its weights (then freed)
     methods.sort(key=lambda m: {"plain": 0, "interp": 1}.get(m.kind, 2))
     return methods

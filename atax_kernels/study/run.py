@@ -178,25 +178,32 @@ def run_study(cfg: StudyConfig, on_progress: Callable[[dict[str, Any]], None] | 
         per_seed[seed] = d
         return d
 
-    def preference_triples(d: dict[str, Any], answer_lookalikes: bool) -> list[tuple[str, str, str]]:
-        """(prompt, chosen, rejected): harmful train -> refusal over the base's answer; with look-alikes, each
-        train look-alike -> the base's answer over a refusal."""
+    def preference_triples(d: dict[str, Any], lookalikes: str) -> list[tuple[str, str, str]]:
+        """(prompt, chosen, rejected): harmful train -> refusal over the base's answer; with ``la=1``, each
+        train look-alike -> the base's answer over a refusal; with ``la=nll``, each train look-alike -> the
+        base's answer twice (an NLL row: its rejected side is not used)."""
         triples = [(e.prompt, r, base_gens[e.prompt]) for e, r in zip(d["harm_train"], d["refusals"])]
-        if answer_lookalikes:
+        if lookalikes == "1":
             triples += [(e.prompt, base_gens[e.prompt], DEFAULT_REFUSALS[i % len(DEFAULT_REFUSALS)])
                         for i, e in enumerate(d["lookalike_train"])]
+        elif lookalikes == "nll":
+            triples += [(e.prompt, base_gens[e.prompt], base_gens[e.prompt]) for e in d["lookalike_train"]]
         return triples
 
-    def safety_for(d: dict[str, Any], objective: str, answer_lookalikes: bool) -> Any:
-        key = (objective, answer_lookalikes)
+    def safety_for(d: dict[str, Any], objective: str, lookalikes: str) -> Any:
+        if objective == "sft" and lookalikes == "nll":
+            lookalikes = "1"  # an SFT row is an NLL row: the same data, built once
+        key = (objective, lookalikes)
         if key not in d["safety"]:
             if objective == "sft":
-                extra = [(e.prompt, base_gens[e.prompt]) for e in d["lookalike_train"]] if answer_lookalikes else []
+                extra = [(e.prompt, base_gens[e.prompt]) for e in d["lookalike_train"]] if lookalikes != "0" else []
                 safety = SafetySet(chosen=d["chosen"] + encode_all(tok, extra, cfg))
             else:
-                triples = preference_triples(d, answer_lookalikes)
+                triples = preference_triples(d, lookalikes)
                 safety = SafetySet(chosen=encode_all(tok, [(p, c) for p, c, _ in triples], cfg),
                                    rejected=encode_all(tok, [(p, r) for p, _, r in triples], cfg))
+                if lookalikes == "nll":
+                    safety.nll_rows = torch.arange(len(triples)) >= len(d["harm_train"])
                 safety.ref_chosen = reference_logps(model, safety.chosen, cfg.batch_size, tok.pad_token_id,
                                                     device).cpu()
                 safety.ref_rejected = reference_logps(model, safety.rejected, cfg.batch_size, tok.pad_token_id,
@@ -263,7 +270,7 @@ def run_study(cfg: StudyConfig, on_progress: Callable[[dict[str, Any]], None] | 
                         runs_done += 1
                         outer.update(cfg.steps)
                         continue
-                    safety = None if use_trl else safety_for(d, objective, m.answers_lookalikes)
+                    safety = None if use_trl else safety_for(d, objective, m.lookalikes)
                     torch.manual_seed(seed)
                     tuned = copy.deepcopy(model)
                     if cfg.lora_r:
@@ -282,7 +289,7 @@ def run_study(cfg: StudyConfig, on_progress: Callable[[dict[str, Any]], None] | 
                                        **train_settings(cfg))
                     outer.set_description(f"study: {objective} lr {lr:g} seed {seed} {m.name}")
                     if use_trl:
-                        prefs = preference_triples(d, m.answers_lookalikes)
+                        prefs = preference_triples(d, m.lookalikes)
                         tr = train_trl(tuned, model, m, prefs, d["retain"], tcfg, tok=tok, max_length=cfg.max_length,
                                        progress=outer)
                     else:
@@ -301,6 +308,7 @@ def run_study(cfg: StudyConfig, on_progress: Callable[[dict[str, Any]], None] | 
                                    refresh_checks=tr.refresh_checks, notes=tr.notes + (
                                        [f"safety data: {len(d['harm_train'])} harmful train prompts refused + "
                                         f"{len(d['lookalike_train'])} train look-alikes answered as the base does "
+                                        f"({'NLL rows' if m.lookalikes == 'nll' else 'rows of the objective'}) "
                                         f"({d['lookalike_refused_by_base']} the base refuses left out)"]
                                        if m.answers_lookalikes else []),
                                    samples=_samples(eval_sets, gens, cfg.samples))

@@ -2,7 +2,8 @@
 
 Every run draws only from train splits: safety batches from ``harmful`` train (prompt -> refusal for SFT;
 chosen = refusal, rejected = the base model's own answer for DPO; with a method's ``la=1`` also the ``lookalike``
-train prompts the base answers, with that answer, for DPO preferred over a refusal), retain batches (PTX, KL, gradient
+train prompts the base answers, with that answer, for DPO preferred over a refusal; ``la=nll``: as NLL rows beside
+the DPO loss), retain batches (PTX, KL, gradient
 references, activation bases) from capability + benign train with the base model's own answers.
 
 Objectives:
@@ -118,6 +119,8 @@ class SafetySet:
     rejected: list[dict[str, list[int]]] | None = None
     ref_chosen: torch.Tensor | None = None
     ref_rejected: torch.Tensor | None = None
+    #: DPO: ``[N]`` bool, rows whose loss is the mean token NLL of ``chosen`` (their rejected side unused)
+    nll_rows: torch.Tensor | None = None
 
 
 @dataclass
@@ -239,7 +242,12 @@ def train(model: torch.nn.Module, base: torch.nn.Module, method: Method, safety:
         ref_c = safety.ref_chosen[idx].to(device)
         ref_r = safety.ref_rejected[idx].to(device)
         margin = (lp[:k] - ref_c) - (lp[k:] - ref_r)
-        return -F.logsigmoid(cfg.beta * margin).mean()
+        per_row = -F.logsigmoid(cfg.beta * margin)
+        if safety.nll_rows is not None:
+            nll = safety.nll_rows[idx].to(device)
+            tokens = (b["labels"][:k, 1:] != IGNORE).sum(-1).clamp(min=1)
+            per_row = torch.where(nll, -lp[:k] / tokens, per_row)
+        return per_row.mean()
 
     def retain_batch() -> dict[str, torch.Tensor]:
         return collate([retain[i] for i in ret.next().tolist()], pad_id, device)
