@@ -24,7 +24,7 @@ import contextlib
 import copy
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -32,8 +32,11 @@ import torch.nn.functional as F
 from .config import TrainSettings
 from .methods import Method
 
+if TYPE_CHECKING:  # annotations only
+    from ..activation import RefreshSchedule
+
 __all__ = ["IGNORE", "encode", "collate", "batches", "SafetySet", "TrainConfig", "TrainResult", "train",
-           "seq_logps", "reference_logps", "lm_loss"]
+           "seq_logps", "reference_logps", "lm_loss", "refresh_schedule", "refresh_forwards_per_step"]
 
 IGNORE = -100
 
@@ -173,6 +176,24 @@ def block_modules(model: torch.nn.Module, which: str) -> list[str] | None:
     return names
 
 
+def refresh_schedule(cfg: TrainConfig, params: dict[str, Any]) -> "RefreshSchedule":
+    """The study's refresh schedule for one method: every ``--refresh-every`` steps, drift-checked with
+    ``--refresh-tol`` when it is > 0 — except for a contrast basis (``c`` > 0), which is not a capability-energy
+    basis ``update_if_drifted`` can judge, so it keeps the fixed interval."""
+    from ..activation import RefreshSchedule
+
+    drift_checked = cfg.refresh_tol > 0 and not float(params.get("c", 0.0))
+    return RefreshSchedule(cfg.refresh_every, cfg.refresh_tol if drift_checked else None)
+
+
+def refresh_forwards_per_step(n_batches: int, schedule: "RefreshSchedule", cfg: TrainConfig) -> float:
+    """Extra forward passes per step (in training batches) of the refreshes: a fixed interval's steady-state
+    rate (as earlier rows report it); a drift-checked schedule's, from the checks this run made."""
+    if schedule.adaptive:
+        return n_batches * schedule.checks / max(1, cfg.steps)
+    return n_batches / cfg.refresh_every
+
+
 class _Stream:
     """Random batches of a row list (indices from one generator, so a run is a function of its seed)."""
 
@@ -195,7 +216,8 @@ def train(model: torch.nn.Module, base: torch.nn.Module, method: Method, safety:
     ``forward_model``: the module the training forwards go through (a DDP wrapper of ``model``), default
     ``model``. ``progress``: a tqdm bar advanced once per step.
     """
-    from ..activation import ActivationSubspace, RefreshSchedule
+    from ..activation import ActivationSubspace
+    from ..activation.schedule import refresh_if_due
     from ..optim import ProjectedOptimizer
 
     if method.kind == "interp":
@@ -285,11 +307,17 @@ def train(model: torch.nn.Module, base: torch.nn.Module, method: Method, safety:
     removed: list[torch.Tensor] = []
     step_times: list[float] = []
     refresh_total = 0.0
-    # a contrast basis is not a capability-energy basis: update_if_drifted cannot judge it, so fixed interval
-    adaptive = cfg.refresh_tol > 0 and not p.get("c")
-    if cfg.refresh_tol > 0 and kind in ("act", "act+ptx") and not adaptive:
+    schedule = refresh_schedule(cfg, p)
+    if cfg.refresh_tol > 0 and kind in ("act", "act+ptx") and not schedule.adaptive:
         notes.append("--refresh-tol not applied: a contrast basis is rebuilt at every refresh step")
-    schedule = RefreshSchedule(cfg.refresh_every, cfg.refresh_tol if adaptive else None)
+
+    def rebuild(tol: float | None) -> bool:
+        sub.observe_loader(basis_loader, positions=positions)
+        if tol is not None:
+            return sub.update_if_drifted(tol)
+        sub.update()
+        return True
+
     t_start = time.perf_counter()
     for step in range(cfg.steps):
         t0 = time.perf_counter()
@@ -311,19 +339,13 @@ def train(model: torch.nn.Module, base: torch.nn.Module, method: Method, safety:
         elif kind == "kl":
             (w * kl_to_base(fwd, base, retain_batch())).backward()
         t_refresh = 0.0
-        if sub is not None and schedule.due(step):
+        if sub is not None:
             # after the safety forward (contrast moments) and the backward (LoRA A may be edited by update());
             # the same basis batches each time, so a check measures the model's drift, not sampling noise
             t1 = time.perf_counter()
-            sub.observe_loader(basis_loader, positions=positions)
-            if adaptive:
-                moved = sub.update_if_drifted(cfg.refresh_tol)
-            else:
-                sub.update()
-                moved = True
-            schedule.record(step, moved=moved)
-            t_refresh = time.perf_counter() - t1
-            refresh_total += t_refresh
+            if refresh_if_due(schedule, step, rebuild, at_start=False) is not None:
+                t_refresh = time.perf_counter() - t1
+                refresh_total += t_refresh
         opt.step()
         stats = getattr(opt, "last_stats", None)
         if stats is not None:
@@ -349,8 +371,7 @@ def train(model: torch.nn.Module, base: torch.nn.Module, method: Method, safety:
         xf, xb = 2.0, 1.0
     else:
         # fixed interval: the steady-state rate (as earlier rows); adaptive: the checks this run made
-        per_step = ref_batches * schedule.checks / max(1, cfg.steps) if adaptive else ref_batches / cfg.refresh_every
-        xf = per_step + (1.0 if kind == "act+ptx" else 0.0)
+        xf = refresh_forwards_per_step(ref_batches, schedule, cfg) + (1.0 if kind == "act+ptx" else 0.0)
         xb = 1.0 if kind == "act+ptx" else 0.0
     if cfg.objective == "dpo":
         notes.append("dpo: one safety batch = chosen + rejected; the reference log-probs are precomputed once")
@@ -387,7 +408,7 @@ def train_trl(model: torch.nn.Module, base: torch.nn.Module, method: Method, pre
     from transformers import TrainerCallback
     from trl import DPOConfig, DPOTrainer
 
-    from ..activation import ActivationSubspace, RefreshSchedule
+    from ..activation import ActivationSubspace
     from ..integrations.hf import attach
 
     if method.kind not in TRL_METHODS:
@@ -437,9 +458,7 @@ def train_trl(model: torch.nn.Module, base: torch.nn.Module, method: Method, pre
             sub = ActivationSubspace.from_loader(model, ref_batches[:cfg.basis_batches], energy=float(p["e"]),
                                                  contrast=float(p["c"]), positions=str(p["pos"]))
             setup = time.perf_counter() - t0
-            # the study loop's schedule, through attach as a user would give it (a contrast basis: fixed)
-            schedule = RefreshSchedule(cfg.refresh_every,
-                                       cfg.refresh_tol if cfg.refresh_tol > 0 and not float(p["c"]) else None)
+            schedule = refresh_schedule(cfg, p)   # the study loop's, through attach as a user would give it
             handle = attach(trainer, reference=sub, refresh_every=schedule, backend=cfg.backend)
         else:
             handle = None
@@ -456,8 +475,7 @@ def train_trl(model: torch.nn.Module, base: torch.nn.Module, method: Method, pre
             handle.detach()
     timed = times[1:] if len(times) > 1 else times
     n_ref = min(cfg.basis_batches, len(ref_batches))
-    act_forwards = (n_ref * schedule.checks / max(1, cfg.steps) if schedule is not None and schedule.adaptive
-                    else n_ref / cfg.refresh_every)
+    act_forwards = refresh_forwards_per_step(n_ref, schedule, cfg) if schedule is not None else 0.0
     xf, xb = {"plain": (0.0, 0.0), "grad": (1.0, 1.0), "act": (act_forwards, 0.0)}[method.kind]
     res = TrainResult(steps=cfg.steps, seconds=seconds, seconds_per_step=sum(timed) / max(1, len(timed)),
                       refresh_seconds_per_step=0.0, setup_seconds=setup, extra_forward=xf, extra_backward=xb,
